@@ -1,0 +1,1 @@
+"""Readout, the application: CLI now; Orthanc plugin, rules, job store and runner later."""
