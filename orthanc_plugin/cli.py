@@ -1,0 +1,159 @@
+"""The `readout` command line.
+
+Exit codes: 0 success, 2 bad input (one line on stderr naming the problem), 1 internal error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from tqdm import tqdm
+
+from dicom_sr.seg import write_segmentation
+from dicom_sr.sr import write_report
+from engines.phantom import write_phantom_study
+from engines.results import FindingsError, StudyResult
+from engines.series import load_study_volume
+from engines.volume import Volume, VolumeError
+
+EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT = 0, 1, 2
+BAD_INPUT_ERRORS = (VolumeError, FindingsError)
+
+
+@contextmanager
+def _progress_bar(description: str) -> Iterator[Callable[[int, int], None]]:
+    """A progress callback drawing a bar on stderr (silent when stderr is not a terminal)."""
+    bar = tqdm(desc=description, unit="slice", disable=None, leave=False, file=sys.stderr)
+
+    def update(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    try:
+        yield update
+    finally:
+        bar.close()
+
+
+def _volume_summary(volume: Volume, warnings: Sequence[str]) -> dict:
+    return {
+        "shape": list(volume.shape),
+        "spacing_mm": [round(s, 4) for s in volume.spacing_mm],
+        "orientation": volume.orientation,
+        "origin_mm": [round(v, 4) for v in volume.origin_mm],
+        "warnings": list(warnings),
+    }
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    with _progress_bar("reading series") as progress:
+        volume, selection = load_study_volume(Path(args.dicom_dir), progress=progress)
+    report = {
+        "selected_series": selection.series.series_instance_uid,
+        "reason": selection.reason,
+        "series": [
+            {
+                "series_instance_uid": s.series_instance_uid,
+                "modality": s.modality,
+                "slices": s.slices,
+                "description": s.description,
+            }
+            for s in selection.found
+        ],
+        "volume": _volume_summary(volume, [*selection.warnings, *volume.warnings]),
+    }
+    if args.json:
+        print(json.dumps(report, indent=2, ensure_ascii=False))
+        return EXIT_OK
+    print(f"{len(report['series'])} series in {args.dicom_dir}:")
+    for s in report["series"]:
+        mark = "*" if s["series_instance_uid"] == report["selected_series"] else " "
+        print(f" {mark} {s['modality']:<3} {s['slices']:>5} slices  {s['description'] or '(no description)'}  {s['series_instance_uid']}")
+    v = report["volume"]
+    print(f"Selected: {selection.reason}")
+    print(f"Volume: {v['shape'][0]} x {v['shape'][1]} x {v['shape'][2]} [k, r, c], spacing {v['spacing_mm']} mm, "
+          f"{v['orientation']}, origin {v['origin_mm']} mm (LPS)")
+    for warning in v["warnings"]:
+        print(f"Warning: {warning}")
+    return EXIT_OK
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    result = StudyResult.load(Path(args.findings))
+    with _progress_bar("reading series") as progress:
+        volume, _ = load_study_volume(Path(args.dicom_dir), result.series_instance_uid, progress=progress)
+    result.check_fits(volume.shape)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    seg = write_segmentation(result, volume, rule=args.rule)
+    sr = write_report(result, volume, seg, rule=args.rule)
+    print(result.as_text())
+    print()
+    sr.save_as(out / "sr.dcm", enforce_file_format=True)
+    print(f"SR:  {out / 'sr.dcm'}")
+    if seg is not None:
+        seg.save_as(out / "seg.dcm", enforce_file_format=True)
+        print(f"SEG: {out / 'seg.dcm'} ({len(seg.SegmentSequence)} segments)")
+    else:
+        print("SEG: none (no finding has a box)")
+    for warning in volume.warnings:
+        print(f"Warning: {warning}", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_phantom(args: argparse.Namespace) -> int:
+    truth = write_phantom_study(Path(args.out_dir), args.seed, normal=args.normal)
+    print(f"Phantom study (seed {args.seed}): {Path(args.out_dir) / 'dicom'}")
+    print(f"Ground truth: {truth}")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="readout", description="AI reads of CT studies: topic-organized DICOM SR and SEG.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    inspect = commands.add_parser("inspect", help="show the series in a folder, which one is selected and its geometry")
+    inspect.add_argument("dicom_dir")
+    inspect.add_argument("--json", action="store_true", help="print one JSON object")
+    inspect.set_defaults(run=cmd_inspect)
+
+    export = commands.add_parser("export", help="write findings JSON as a TID 1500 SR and a SEG")
+    export.add_argument("dicom_dir")
+    export.add_argument("--findings", required=True, help="findings JSON (see README)")
+    export.add_argument("--out", required=True, help="folder for sr.dcm and seg.dcm")
+    export.add_argument("--rule", default="manual", help="rule name that, with the engine, fixes the output UIDs")
+    export.set_defaults(run=cmd_export)
+
+    phantom = commands.add_parser("phantom", help="write a synthetic CT study and its truth.json")
+    phantom.add_argument("out_dir")
+    phantom.add_argument("--seed", type=int, default=0)
+    phantom.add_argument("--normal", action="store_true", help="no findings")
+    phantom.set_defaults(run=cmd_phantom)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except BAD_INPUT_ERRORS as exc:
+        if getattr(args, "json", False):
+            print(json.dumps({"error": str(exc)}, ensure_ascii=False))
+        print(f"readout: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: say it is ours, show where
+        traceback.print_exc()
+        print(f"readout: internal error: {exc}", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())
