@@ -97,7 +97,7 @@ class PhantomGeometry:
         return (self.slices, self.rows, self.cols)
 
 
-@dataclass
+@dataclass(eq=False)  # arrays inside: compare fields explicitly
 class Phantom:
     """One rendered phantom: HU volume, anatomy labels, geometry and the truth.
 

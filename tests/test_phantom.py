@@ -94,7 +94,7 @@ def test_geometry_varies_within_the_stated_ranges():
         assert 40 <= g.slices <= 160
         if 40 < g.slices < 160:  # not clamped: the z extent is 160-380 mm
             assert 160 - g.slice_thickness_mm <= g.slices * g.slice_thickness_mm <= 380 + g.slice_thickness_mm
-        (dx, dy) = g.body_offset_mm
+        dx, dy = g.body_offset_mm
         for n, semi, offset in ((g.cols, g.body_lr_mm, dx), (g.rows, g.body_ap_mm, dy)):
             assert n <= 512
             assert n == 512 or n * g.pixel_spacing_mm >= 2 * (semi + abs(offset))  # the body fits unless capped
