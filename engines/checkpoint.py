@@ -1,0 +1,44 @@
+"""Save and load the demo model: safetensors weights (fp16) beside a JSON of config and training facts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from engines.model import ModelConfig, ReadoutVLM
+
+SHIPPED = Path(__file__).with_name("weights") / "demo"
+
+
+class CheckpointError(ValueError):
+    """A model folder or file that is missing or does not match the code; says what is expected."""
+
+
+def save_checkpoint(model: ReadoutVLM, stem: Path, info: dict[str, Any]) -> None:
+    """Write ``stem.safetensors`` (fp16) and ``stem.json`` (config + ``info``)."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in model.state_dict().items()
+               if k != "head.weight"}  # tied to token_embed.weight
+    save_file(tensors, str(stem.with_suffix(".safetensors")))
+    stem.with_suffix(".json").write_text(json.dumps({"config": model.config.to_dict(), **info}, indent=2) + "\n")
+
+
+def load_checkpoint(stem: Path = SHIPPED, device: str = "cpu") -> tuple[ReadoutVLM, dict[str, Any]]:
+    """The model saved at ``stem`` in float32 on ``device``, in eval mode, and its JSON."""
+    weights, meta_path = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+    if not weights.is_file() or not meta_path.is_file():
+        raise CheckpointError(f"model weights not found: expected {weights} and {meta_path} (train with `readout train`)")
+    meta = json.loads(meta_path.read_text())
+    config = meta["config"]
+    config = ModelConfig(**{**config, "grid": tuple(config["grid"]), "patch": tuple(config["patch"])})
+    model = ReadoutVLM(config)
+    state = {k: v.float() for k, v in load_file(str(weights)).items()}
+    state["head.weight"] = state["token_embed.weight"]
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{weights} does not match this model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return model.to(device).eval(), meta

@@ -1,0 +1,356 @@
+"""Train the demo model on phantoms generated on the fly (`readout train`).
+
+Settings sit at the top. Progress (0 → 1, by steps or by the time limit, whichever is further)
+drives the learning rate and Photon's phases: no pruning, then soft (hidden states scaled by
+p), then hard dropping with the surrogate gradient; the retention band from the soft phase on,
+the robustness regularizer (corrupted volumes → maximal answer entropy) from the soft phase,
+the flip regularizer late in the hard phase.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import random
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from engines.checkpoint import save_checkpoint
+from engines.model import ModelConfig, ReadoutVLM
+from engines.phantom import NORMAL_SENTENCES, TOPICS, render_phantom
+from engines.preprocess import ModelInput, box_to_bins, crop_extent, prepare
+from engines.prompts import FOCAL_TYPES, question_region, topic_region
+from engines.results import StudyResult
+from engines.scheduler import retention_band_loss
+from engines.tokenizer import Tokenizer
+
+# --- settings ---------------------------------------------------------------------------------
+TRAIN_SEED_BASE = 10_000_000  # training phantoms: seeds from here up; evaluation uses 9001..., validation 8000...
+VALIDATION_SEEDS = range(8000, 8012)
+VOLUMES_PER_STEP = 24
+NEW_VOLUMES_PER_STEP = 8  # the rest of each batch is replayed from recent volumes
+REPLAY = 256
+LEARNING_RATE = 6e-4
+# Photon's threshold MLP starts saturated (theta ~ 0.006); it needs a larger step to move.
+THRESHOLD_LR_SCALE = 20.0
+WARMUP = 0.03
+SOFT_FROM, HARD_FROM, FLIP_FROM = 0.35, 0.6, 0.75
+NORMAL_SHARE = 0.15  # extra all-normal phantoms, so "normal" is well learnt
+CROP_SHARE = 0.6  # volumes that also yield a zoomed crop example
+CORRUPT_SHARE = 0.15
+ROBUST_WEIGHT, FLIP_WEIGHT, SPARSITY_WEIGHT = 0.05, 0.1, 0.02
+MAX_ANSWER = 72
+
+
+@dataclass
+class Sequence:
+    volume: int  # index into the example's volumes
+    region: str
+    prompt: list[int]
+    answer: list[int]
+
+
+@dataclass
+class Example:
+    """One phantom's training material: its volume(s) and the sequences asked of them."""
+
+    images: list[np.ndarray]  # uint8 [3, D, H, W]
+    spacings: list[tuple[float, float, float]]
+    regions: list[dict[str, np.ndarray]]
+    sequences: list[Sequence]
+    corrupted: list[bool]
+
+
+def _uint8(image: np.ndarray) -> np.ndarray:
+    return np.round(image * 255).astype(np.uint8)
+
+
+def topic_items(truth: StudyResult, topic: str, extent) -> list[tuple[str, tuple[int, ...] | None]]:
+    """The answer for one topic: its findings in position order with boxes, or its normal sentence."""
+    for result in truth.topics:
+        if result.topic == topic:
+            if result.normal or not result.findings:
+                return [(result.text or NORMAL_SENTENCES[topic], None)]
+            findings = sorted(result.findings, key=lambda f: f.box.voxel if f.box else ())
+            return [(f.text, box_to_bins(f.box.voxel, extent) if f.box else None) for f in findings]
+    return [(NORMAL_SENTENCES[topic], None)]
+
+
+def make_example(seed: int, tokenizer: Tokenizer) -> Example:
+    """Render phantom ``seed`` and build its sequences: 5 topics, 3 questions, maybe a crop."""
+    rng = random.Random(seed)
+    phantom = render_phantom(seed, normal=rng.random() < NORMAL_SHARE)
+    spacing = (phantom.slice_spacing_mm, phantom.pixel_spacing_mm, phantom.pixel_spacing_mm)
+    full = prepare(phantom.hu, spacing)
+    truth = phantom.truth
+    images, spacings, regions, corrupted = [full.image], [full.grid_spacing_mm], [full.regions], [False]
+    sequences = [
+        Sequence(0, topic_region(t), tokenizer.topic_prompt(t), tokenizer.encode_answer(topic_items(truth, t, full.extent)))
+        for t in TOPICS
+    ]
+    for answer in truth.answers:
+        box = box_to_bins(answer.box.voxel, full.extent) if answer.box else None
+        sequences.append(Sequence(0, question_region(answer.question), tokenizer.question_prompt(answer.question),
+                                  tokenizer.encode_answer([(answer.answer, box)])))
+
+    focal = [(t.topic, f) for t in truth.topics for f in t.findings if f.type in FOCAL_TYPES and f.box]
+    if rng.random() < CROP_SHARE:
+        crop = _crop_example(phantom.hu, spacing, truth, focal, rng, tokenizer)
+        if crop is not None:
+            inp, seq = crop
+            images.append(inp.image)
+            spacings.append(inp.grid_spacing_mm)
+            regions.append(inp.regions)
+            corrupted.append(False)
+            sequences.append(Sequence(1, seq.region, seq.prompt, seq.answer))
+    return Example([_uint8(i) for i in images], spacings, regions, sequences, corrupted)
+
+
+def _crop_example(hu, spacing, truth: StudyResult, focal, rng: random.Random, tokenizer: Tokenizer):
+    """A zoomed crop around a focal finding (or, sometimes, around nothing) with its topic's answer."""
+    shape = hu.shape
+    if focal and rng.random() < 0.8:
+        topic, finding = rng.choice(focal)
+        extent = list(crop_extent(finding.box.voxel, spacing, shape, margin_mm=rng.uniform(6, 20), min_size_mm=rng.uniform(40, 64)))
+        for axis in range(3):  # jitter, keeping the finding's centre inside
+            size = extent[axis + 3] - extent[axis]
+            shift = rng.uniform(-0.2, 0.2) * size
+            extent[axis] += shift
+            extent[axis + 3] += shift
+    else:
+        topic = rng.choice(TOPICS)
+        size = [48.0 / s for s in spacing]
+        centre = [rng.uniform(0.2, 0.8) * n for n in shape]
+        extent = [centre[a] - size[a] / 2 for a in range(3)] + [centre[a] + size[a] / 2 for a in range(3)]
+    inside = []
+    for result in truth.topics:
+        if result.topic != topic:
+            continue
+        for f in sorted(result.findings, key=lambda f: f.box.voxel if f.box else ()):
+            if f.box is None:
+                continue
+            centre = [(f.box.voxel[a] + f.box.voxel[a + 3]) / 2 for a in range(3)]
+            if all(extent[a] <= centre[a] < extent[a + 3] for a in range(3)):
+                inside.append((f.text, box_to_bins(f.box.voxel, extent)))
+    items = inside or [(NORMAL_SENTENCES[topic], None)]
+    inp = prepare(hu, spacing, extent)
+    return inp, Sequence(1, topic_region(topic), tokenizer.topic_prompt(topic), tokenizer.encode_answer(items))
+
+
+class PhantomStream(IterableDataset):
+    """Endless training examples; each worker renders its own disjoint range of seeds."""
+
+    def __init__(self, tokenizer: Tokenizer, base: int = TRAIN_SEED_BASE) -> None:
+        self.tokenizer = tokenizer
+        self.base = base
+
+    def __iter__(self) -> Iterator[Example]:
+        info = get_worker_info()
+        worker = 0 if info is None else info.id
+        torch.set_num_threads(1)
+        seed = self.base + worker * 1_000_000
+        while True:
+            yield make_example(seed, self.tokenizer)
+            seed += 1
+
+
+def corrupt(image: np.ndarray, rng: random.Random) -> np.ndarray:
+    """One of Photon's corruptions: shuffled slices (and rows), few slices or rows kept, noise, zeros."""
+    image = image.copy()
+    kind = rng.random()
+    d, h = image.shape[1], image.shape[2]
+    if kind < 0.16:
+        image = image[:, np.random.permutation(d)]
+    elif kind < 0.32:
+        image = image[:, np.random.permutation(d)][:, :, np.random.permutation(h)]
+    elif kind < 0.48:
+        image[:, np.random.rand(d) > 0.2] = 0
+    elif kind < 0.64:
+        image[:, :, np.random.rand(h) > 0.1] = 0
+    elif kind < 0.8:
+        image = np.random.randint(0, 256, image.shape, dtype=np.uint8)
+    else:
+        image[:] = 0
+    return image
+
+
+@dataclass
+class Batch:
+    image: torch.Tensor
+    spacing: torch.Tensor
+    sequence_volume: torch.Tensor
+    region: torch.Tensor
+    prompt: torch.Tensor
+    answer: torch.Tensor  # [S, A], 0-padded
+    corrupted: torch.Tensor  # [S] bool per sequence
+
+
+def collate(examples: list[Example], device: torch.device, corrupt_share: float = 0.0, rng: random.Random | None = None) -> Batch:
+    images, spacings, seq_volume, regions, prompts, answers, corrupted = [], [], [], [], [], [], []
+    for ex in examples:
+        offset = len(images)
+        for image, spacing, region, broken in zip(ex.images, ex.spacings, ex.regions, ex.corrupted):
+            broken = broken or (rng is not None and len(images) == offset and rng.random() < corrupt_share)
+            images.append(corrupt(image, rng) if broken and rng is not None else image)
+            spacings.append(spacing)
+            regions.append(region)
+            corrupted.append(broken)
+        for seq in ex.sequences:
+            v = offset + seq.volume
+            seq_volume.append(v)
+            prompts.append(seq.prompt)
+            answers.append(seq.answer[:MAX_ANSWER])
+    regions_flat = [regions[v] for v in seq_volume]
+    seq_regions = [r[name].reshape(-1) for r, name in zip(regions_flat, [s.region for ex in examples for s in ex.sequences])]
+    longest_prompt = max(map(len, prompts))
+    longest_answer = max(map(len, answers))
+    prompt = torch.tensor([[0] * (longest_prompt - len(p)) + p for p in prompts])
+    padded = torch.tensor([a + [0] * (longest_answer - len(a)) for a in answers])
+    return Batch(
+        image=torch.from_numpy(np.stack(images)).to(device, non_blocking=True).float().div_(255),
+        spacing=torch.tensor(spacings, dtype=torch.float32, device=device),
+        sequence_volume=torch.tensor(seq_volume, device=device),
+        region=torch.from_numpy(np.stack(seq_regions)).float().to(device),
+        prompt=prompt.to(device),
+        answer=padded.to(device),
+        corrupted=torch.tensor([corrupted[v] for v in seq_volume], device=device),
+    )
+
+
+def _phase(progress: float) -> str:
+    if progress < SOFT_FROM:
+        return "off"
+    return "soft" if progress < HARD_FROM else "hard"
+
+
+def _learning_rate(progress: float) -> float:
+    if progress < WARMUP:
+        return LEARNING_RATE * progress / WARMUP
+    return LEARNING_RATE * 0.5 * (1 + math.cos(math.pi * min(1.0, (progress - WARMUP) / (1 - WARMUP))))
+
+
+def _losses(model: ReadoutVLM, batch: Batch, pruning: str, flip: bool) -> dict[str, torch.Tensor]:
+    visual = model.encode(batch.image, batch.spacing)[batch.sequence_volume]
+    logits, prefix = model(visual, batch.region, batch.prompt, batch.answer, pruning)
+    valid = batch.answer != 0
+    clean = valid & ~batch.corrupted[:, None]
+    ce = F.cross_entropy(logits.float().transpose(1, 2), batch.answer, reduction="none")
+    losses = {"ce": (ce * clean).sum() / clean.sum().clamp(min=1)}
+    with torch.no_grad():
+        losses["accuracy"] = ((logits.argmax(-1) == batch.answer) & clean).sum() / clean.sum().clamp(min=1)
+    broken = valid & batch.corrupted[:, None]
+    if broken.any():
+        logp = logits.float().log_softmax(-1)
+        entropy = -(logp.exp() * logp).sum(-1)
+        losses["robust"] = -ROBUST_WEIGHT * (entropy * broken).sum() / broken.sum()
+    if prefix.p is not None:
+        losses["band"] = retention_band_loss(prefix.p)
+        losses["kept"] = prefix.p.mean().detach() if pruning == "soft" else prefix.kept.float().mean().detach() / prefix.p.shape[1]
+        if pruning == "hard":
+            losses["sparsity"] = SPARSITY_WEIGHT * prefix.p.mean()
+    if flip:
+        rows = torch.nonzero(~batch.corrupted).flatten()
+        rows = rows[torch.randperm(len(rows), device=rows.device)[: max(2, len(rows) // 20)]]
+        flipped, _ = model(visual[rows], batch.region[rows], batch.prompt[rows], batch.answer[rows], "flip")
+        p_true = flipped.float().softmax(-1).gather(-1, batch.answer[rows][..., None]).squeeze(-1)
+        mask = valid[rows]
+        losses["flip"] = FLIP_WEIGHT * (-torch.log(1 - p_true + 1e-6) * mask).sum() / mask.sum()
+    return losses
+
+
+def validation_examples(tokenizer: Tokenizer) -> list[Example]:
+    return [make_example(seed, tokenizer) for seed in VALIDATION_SEEDS]
+
+
+def train(out: Path, steps: int, device: str = "cpu", time_limit_s: float | None = None, workers: int | None = None,
+          log: Callable[[str], None] = print, model_size: dict | None = None) -> dict:
+    """Train a fresh model; writes ``out/demo.safetensors``, ``out/demo.json`` and ``out/train_log.jsonl``.
+
+    ``model_size`` overrides ModelConfig fields (e.g. a tiny model for tests).
+    """
+    torch.manual_seed(0)
+    rng = random.Random(0)
+    tokenizer = Tokenizer()
+    dev = torch.device(device)
+    model = ReadoutVLM(ModelConfig(vocab_size=len(tokenizer), **(model_size or {}))).to(dev)
+    threshold = [p for n, p in model.named_parameters() if n.startswith("scheduler.")]
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and not n.startswith("scheduler.")]
+    other = [p for n, p in model.named_parameters() if p.dim() < 2 and not n.startswith("scheduler.")]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.05, "scale": 1.0}, {"params": other, "weight_decay": 0.0, "scale": 1.0},
+         {"params": threshold, "weight_decay": 0.0, "scale": THRESHOLD_LR_SCALE}],
+        lr=LEARNING_RATE, betas=(0.9, 0.95))
+    workers = max(1, (os.cpu_count() or 2) - 1) if workers is None else workers
+    loader = iter(DataLoader(PhantomStream(tokenizer), batch_size=None, num_workers=workers, prefetch_factor=4,
+                             persistent_workers=True))
+    validation = validation_examples(tokenizer)
+    out.mkdir(parents=True, exist_ok=True)
+    log_file = (out / "train_log.jsonl").open("w")
+    replay: deque[Example] = deque(maxlen=REPLAY)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
+    started = time.time()
+    seen = 0
+    step = 0
+    progress = 0.0
+    while progress < 1.0:
+        for _ in range(NEW_VOLUMES_PER_STEP if replay else VOLUMES_PER_STEP):
+            replay.append(next(loader))
+            seen += 1
+        examples = rng.sample(list(replay), min(VOLUMES_PER_STEP, len(replay)))
+        progress = max(step / steps, (time.time() - started) / time_limit_s if time_limit_s else 0.0)
+        pruning = _phase(progress)
+        batch = collate(examples, dev, CORRUPT_SHARE if pruning != "off" else 0.0, rng)
+        for group in optimizer.param_groups:
+            group["lr"] = _learning_rate(progress) * group["scale"]
+        model.train()
+        with autocast:
+            losses = _losses(model, batch, pruning, flip=progress >= FLIP_FROM)
+        total = sum(v for k, v in losses.items() if k not in ("accuracy", "kept"))
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        step += 1
+        if step % 25 == 0 or progress >= 1.0:
+            record = {"step": step, "progress": round(progress, 4), "phase": pruning, "volumes": seen,
+                      "elapsed_s": round(time.time() - started, 1),
+                      **{k: round(float(v.detach()), 4) for k, v in losses.items()}}
+            if step % 100 == 0 or progress >= 1.0:
+                record["validation"] = evaluate_loss(model, validation, dev, pruning)
+            log_file.write(json.dumps(record) + "\n")
+            log_file.flush()
+            log(json.dumps(record))
+    wall = time.time() - started
+    final = evaluate_loss(model, validation, dev, "hard")
+    info = {
+        "tokenizer": {"bins": tokenizer.bins, "size": len(tokenizer)},
+        "training": {"steps": step, "volumes_rendered": seen, "wall_time_s": round(wall, 1), "device": _device_name(dev),
+                     "machine": platform.platform(), "train_seeds_from": TRAIN_SEED_BASE,
+                     "validation_seeds": [VALIDATION_SEEDS.start, VALIDATION_SEEDS.stop - 1], "final_validation": final},
+    }
+    save_checkpoint(model, out / "demo", info)
+    return info
+
+
+@torch.no_grad()
+def evaluate_loss(model: ReadoutVLM, examples: list[Example], device: torch.device, pruning: str) -> dict:
+    """Teacher-forced loss, token accuracy and kept ratio on fixed held-out phantoms."""
+    model.eval()
+    batch = collate(examples, device)
+    losses = _losses(model, batch, pruning if pruning != "soft" else "hard", flip=False)
+    model.train()
+    return {k: round(float(v), 4) for k, v in losses.items() if k in ("ce", "accuracy", "kept")}
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
