@@ -84,8 +84,8 @@ class Tokenizer:
         text = re.sub(r" ([.,):?])", r"\1", text)
         return re.sub(r"\( ", "(", text)
 
-    def decode_answer(self, ids: Sequence[int]) -> list[tuple[str, tuple[int, ...] | None, list[int]]]:
-        """Split generated ids into (sentence, half-open bin box or None, positions of the box's bins).
+    def decode_answer(self, ids: Sequence[int]) -> list[tuple[str, tuple[int, ...] | None]]:
+        """Split generated ids into (sentence, half-open bin box or None) items.
 
         Stops at ``<eos>``; a malformed box (wrong count, end before start) is dropped.
         """
@@ -102,18 +102,18 @@ class Tokenizer:
                 segment.append(token)
         return [item for item in items if item[0]]
 
-    def _decode_item(self, segment: list[int]) -> tuple[str, tuple[int, ...] | None, list[int]]:
+    def _decode_item(self, segment: list[int]) -> tuple[str, tuple[int, ...] | None]:
         if self.box not in segment:
-            return self.decode_text(segment), None, []
+            return self.decode_text(segment), None
         cut = segment.index(self.box)
         text = self.decode_text(segment[:cut])
         bins = [t - self.first_bin for t in segment[cut + 1 :] if self.is_bin(t)]
         if len(bins) != 6:
-            return text, None, []
+            return text, None
         k0, r0, c0, k1, r1, c1 = bins
         if k1 < k0 or r1 < r0 or c1 < c0:
-            return text, None, []
-        return text, (k0, r0, c0, k1 + 1, r1 + 1, c1 + 1), []
+            return text, None
+        return text, (k0, r0, c0, k1 + 1, r1 + 1, c1 + 1)
 
     def topic_prompt(self, topic: str) -> list[int]:
         return [self.bos, *self.encode_text(f"findings for topic : {topic}")]

@@ -160,7 +160,10 @@ class PhantomStream(IterableDataset):
         torch.set_num_threads(1)
         seed = self.base + worker * 1_000_000
         while True:
-            yield make_example(seed, self.tokenizer)
+            try:
+                yield make_example(seed, self.tokenizer)
+            except RuntimeError:  # the phantom generator found no room for a finding: next seed
+                pass
             seed += 1
 
 
@@ -327,6 +330,7 @@ def train(out: Path, steps: int, device: str = "cpu", time_limit_s: float | None
                       **{k: round(float(v.detach()), 4) for k, v in losses.items()}}
             if step % 100 == 0 or progress >= 1.0:
                 record["validation"] = evaluate_loss(model, validation, dev, pruning)
+                save_checkpoint(model, out / "demo", {"partial": True, "step": step, "progress": progress})
             log_file.write(json.dumps(record) + "\n")
             log_file.flush()
             log(json.dumps(record))

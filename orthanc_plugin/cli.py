@@ -18,13 +18,17 @@ from tqdm import tqdm
 
 from dicom_sr.seg import write_segmentation
 from dicom_sr.sr import write_report
-from engines.phantom import write_phantom_study
+from engines.checkpoint import CheckpointError
+from engines.keyimage import write_key_image
+from engines.phantom import TOPICS, write_phantom_study
+from engines.registry import EngineError, create_engine
+from engines.report import ReadRequest
 from engines.results import FindingsError, StudyResult
 from engines.series import load_study_volume
 from engines.volume import Volume, VolumeError
 
 EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT = 0, 1, 2
-BAD_INPUT_ERRORS = (VolumeError, FindingsError)
+BAD_INPUT_ERRORS = (VolumeError, FindingsError, EngineError, CheckpointError)
 
 
 @contextmanager
@@ -91,21 +95,90 @@ def cmd_export(args: argparse.Namespace) -> int:
     with _progress_bar("reading series") as progress:
         volume, _ = load_study_volume(Path(args.dicom_dir), result.series_instance_uid, progress=progress)
     result.check_fits(volume.shape)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    seg = write_segmentation(result, volume, rule=args.rule)
-    sr = write_report(result, volume, seg, rule=args.rule)
+    lines = _write_outputs(result, volume, Path(args.out), args.rule)
     print(result.as_text())
     print()
-    sr.save_as(out / "sr.dcm", enforce_file_format=True)
-    print(f"SR:  {out / 'sr.dcm'}")
-    if seg is not None:
-        seg.save_as(out / "seg.dcm", enforce_file_format=True)
-        print(f"SEG: {out / 'seg.dcm'} ({len(seg.SegmentSequence)} segments)")
-    else:
-        print("SEG: none (no finding has a box)")
+    print("\n".join(lines))
     for warning in volume.warnings:
         print(f"Warning: {warning}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _write_outputs(result: StudyResult, volume: Volume, out: Path, rule: str) -> list[str]:
+    """Write sr.dcm and (if any box) seg.dcm into ``out``; returns the lines saying where."""
+    out.mkdir(parents=True, exist_ok=True)
+    seg = write_segmentation(result, volume, rule=rule)
+    sr = write_report(result, volume, seg, rule=rule)
+    sr.save_as(out / "sr.dcm", enforce_file_format=True)
+    lines = [f"SR:  {out / 'sr.dcm'}"]
+    if seg is not None:
+        seg.save_as(out / "seg.dcm", enforce_file_format=True)
+        lines.append(f"SEG: {out / 'seg.dcm'} ({len(seg.SegmentSequence)} segments)")
+    else:
+        lines.append("SEG: none (no finding has a box)")
+    return lines
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    topics = tuple(t.strip() for t in args.topics.split(",") if t.strip())
+    request = ReadRequest(topics=topics, questions=tuple(args.question), rollouts=args.rollouts,
+                          pruning=not args.no_scheduling, reground=not args.no_regrounding)
+    with _progress_bar("reading series") as progress:
+        volume, selection = load_study_volume(Path(args.dicom_dir), progress=progress)
+    engine = create_engine(args.engine, weights=Path(args.weights) if args.weights else None)
+    with tqdm(total=1, desc=f"{args.engine} engine", disable=None, leave=False, file=sys.stderr) as bar:
+        result = engine.run(volume, request)
+        bar.update(1)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result.save(out / "findings.json")
+    lines = _write_outputs(result, volume, out, args.rule)
+    images = []
+    for topic in result.topics:
+        for number, finding in enumerate(topic.findings, start=1):
+            if finding.box is not None:
+                path = out / f"{topic.topic}-{number}-{finding.type.replace(' ', '-')}.png"
+                write_key_image(path, volume.hu, finding.box.voxel, f"{topic.topic}: {finding.type}")
+                images.append(path)
+    print(result.as_text())
+    print()
+    print(f"Series: {selection.reason}")
+    print(f"Findings: {out / 'findings.json'}")
+    print("\n".join(lines))
+    print(f"Key images: {len(images)} PNG in {out}")
+    timings = result.extra.get("timings", {})
+    print("Timings: " + ", ".join(f"{k[:-2]} {v:.2f} s" for k, v in timings.items())
+          + f"; visual tokens kept {result.extra.get('mean_kept_ratio', 1.0):.0%}")
+    return EXIT_OK
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from engines.evaluation import evaluate, format_table, write_results
+
+    engine = create_engine("demo", weights=Path(args.weights) if args.weights else None)
+    with tqdm(desc="evaluating", unit="phantom", disable=None, file=sys.stderr) as bar:
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+
+        results = evaluate(engine, args.n, args.seed, ablation=args.ablation, progress=progress)
+    table = format_table(results)
+    print(table)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_results(results, out / "eval.json")
+    (out / "eval.md").write_text(f"`readout eval --n {args.n} --seed {args.seed}{' --ablation' if args.ablation else ''}`\n\n{table}\n")
+    print(f"\nWritten: {out / 'eval.json'}, {out / 'eval.md'}")
+    return EXIT_OK
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from engines.training import train
+
+    info = train(Path(args.out), steps=args.steps, device=args.device,
+                 time_limit_s=args.minutes * 60 if args.minutes else None)
+    print(json.dumps(info["training"], indent=2))
     return EXIT_OK
 
 
@@ -131,6 +204,34 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="folder for sr.dcm and seg.dcm")
     export.add_argument("--rule", default="manual", help="rule name that, with the engine, fixes the output UIDs")
     export.set_defaults(run=cmd_export)
+
+    run = commands.add_parser("run", help="read a CT series with an engine: findings.json, SR, SEG, key images")
+    run.add_argument("dicom_dir")
+    run.add_argument("--out", required=True)
+    run.add_argument("--engine", default="demo")
+    run.add_argument("--weights", help="model weights stem (default: the shipped demo weights)")
+    run.add_argument("--topics", default=",".join(TOPICS), help="comma-separated topics")
+    run.add_argument("--question", action="append", default=[], help="a question to answer (repeatable)")
+    run.add_argument("--rollouts", type=int, default=5)
+    run.add_argument("--no-scheduling", action="store_true", help="keep every visual token (Photon off)")
+    run.add_argument("--no-regrounding", action="store_true")
+    run.add_argument("--rule", default="manual")
+    run.set_defaults(run=cmd_run)
+
+    evaluation = commands.add_parser("eval", help="score the demo engine on held-out phantoms")
+    evaluation.add_argument("--n", type=int, default=200)
+    evaluation.add_argument("--seed", type=int, default=9001)
+    evaluation.add_argument("--ablation", action="store_true")
+    evaluation.add_argument("--weights")
+    evaluation.add_argument("--out", default="out/eval")
+    evaluation.set_defaults(run=cmd_eval)
+
+    training = commands.add_parser("train", help="train the demo model on phantoms generated on the fly")
+    training.add_argument("--out", required=True)
+    training.add_argument("--steps", type=int, default=3000)
+    training.add_argument("--minutes", type=float, help="stop after this long (progress follows time)")
+    training.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    training.set_defaults(run=cmd_train)
 
     phantom = commands.add_parser("phantom", help="write a synthetic CT study and its truth.json")
     phantom.add_argument("out_dir")

@@ -77,7 +77,7 @@ def test_crop_partly_outside_the_volume_reads_air_there() -> None:
     np.testing.assert_allclose(image[:, :16], np.array(_windowed(-1000))[:, None, None, None] * np.ones((1, 16, 128, 128)))
 
 
-@pytest.mark.parametrize("shape", [(40, 100, 90), (160, 512, 512), (7, 33, 260)])
+@pytest.mark.parametrize("shape", [(40, 100, 90), (90, 300, 256), (7, 33, 260)])
 def test_whole_volume_matches_torch_trilinear(shape: tuple[int, int, int]) -> None:
     hu = np.random.default_rng(1).integers(-1000, 1500, shape).astype(np.int16)
     ours = resample_to_grid(hu, (0, 0, 0, *shape))

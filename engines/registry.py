@@ -1,0 +1,22 @@
+"""Engines by name, as config and the CLI refer to them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from engines.checkpoint import SHIPPED, load_checkpoint
+from engines.report import DemoEngine
+
+ENGINES = ("demo",)
+
+
+class EngineError(ValueError):
+    """An engine that does not exist or cannot be loaded; says what is available."""
+
+
+def create_engine(name: str, *, weights: Path | None = None, device: str = "cpu") -> DemoEngine:
+    """Load engine ``name`` once; it holds its weights for its lifetime."""
+    if name != "demo":
+        raise EngineError(f"unknown engine {name!r}; available: {', '.join(ENGINES)}")
+    model, _ = load_checkpoint(weights or SHIPPED, device)
+    return DemoEngine(model, device=device)

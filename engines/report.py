@@ -1,0 +1,267 @@
+"""The demo engines: LLaVA-TA topic-guided reports and Photon questions, grounded MedVR-style.
+
+One encoded volume serves every prompt; topics and questions run as one batch of
+(prompts x rollouts) sequences. Each topic is generated from the image and its own prompt only,
+never from another topic's text. Boxes come from the consensus of the sampled rollouts; a box
+whose coordinate tokens were uncertain (high entropy) gets a zoomed re-look: the region is
+cropped, re-encoded at the model's full grid resolution and the topic asked again.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import torch
+
+from engines.decoding import Generation, generate
+from engines.grounding import Candidate, ConsensusFinding, consensus, iou3d, majority_answer, vote_box
+from engines.model import ReadoutVLM
+from engines.phantom import NORMAL_SENTENCES, QUESTIONS, TOPICS
+from engines.preprocess import BINS, ModelInput, bins_to_box, crop_extent, prepare
+from engines.prompts import FOCAL_TYPES, question_region, topic_region
+from engines.results import Answer, Box, EngineInfo, Finding, StudyResult, TopicResult
+from engines.tokenizer import Tokenizer
+from engines.volume import Volume
+
+ENGINE_VERSION = "0.1.0"
+
+# Order matters: the first type whose words appear in a sentence names it.
+_TYPE_WORDS = (
+    ("pericardial effusion", "pericardial effusion"), ("pleural effusion", "pleural effusion"),
+    ("pneumothorax", "pneumothorax"), ("cardiomegaly", "cardiomegaly"), ("nodule", "nodule"), ("mass", "mass"),
+    ("hypodense lesion", "hypodense lesion"), ("lytic lesion", "lytic lesion"), ("sclerotic lesion", "sclerotic lesion"),
+)
+
+
+@dataclass(frozen=True)
+class ReadRequest:
+    """What to read and how: topics, questions and the sampling / grounding settings."""
+
+    topics: tuple[str, ...] = TOPICS
+    questions: tuple[str, ...] = QUESTIONS
+    rollouts: int = 5
+    temperature: float = 0.7
+    pruning: bool = True
+    reground: bool = True
+    entropy_threshold: float = 1.0
+    seed: int = 0
+
+
+@dataclass
+class Sampled:
+    """Raw rollouts of one read, before consensus (what `readout eval`'s ablations reuse)."""
+
+    model_input: ModelInput
+    shape: tuple[int, int, int]
+    candidates: dict[str, list[Candidate]]  # per topic
+    normal_texts: dict[str, list[str]]  # per topic: sentences of rollouts without a box
+    answers: dict[str, list[tuple[str, tuple[int, ...] | None]]]  # per question, one per rollout
+    kept_ratio: dict[str, float]  # per prompt
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def finding_type(text: str) -> str:
+    """The finding type a generated sentence names, ``lesion`` if none of the known ones."""
+    lowered = text.lower()
+    for words, kind in _TYPE_WORDS:
+        if words in lowered:
+            return kind
+    return "lesion"
+
+
+def _size_mm(text: str) -> float | None:
+    match = re.search(r"(\d+(?:\.\d+)?) mm", text)
+    return float(match.group(1)) if match else None
+
+
+def _location(text: str) -> str | None:
+    match = re.search(r"in the (.+?)\.?$", text)
+    if match:
+        return match.group(1)
+    side = re.match(r"(Left|Right) (pleural|pneumothorax)", text)
+    return f"{side.group(1).lower()} pleural space" if side else None
+
+
+class DemoEngine:
+    """Readout's demo engine: `ReportEngine` and `QuestionEngine` behaviour over one shared model."""
+
+    name = "demo"
+
+    def __init__(self, model: ReadoutVLM, tokenizer: Tokenizer | None = None, device: str = "cpu") -> None:
+        self.model = model.to(device).eval()
+        self.tokenizer = tokenizer or Tokenizer()
+        self.device = torch.device(device)
+        self.info = EngineInfo(self.name, ENGINE_VERSION)
+
+    # --- sampling --------------------------------------------------------------------------
+
+    def _encode(self, inputs: Sequence[ModelInput]) -> torch.Tensor:
+        image = torch.from_numpy(np.stack([i.image for i in inputs])).to(self.device)
+        spacing = torch.tensor([i.grid_spacing_mm for i in inputs], dtype=torch.float32, device=self.device)
+        return self.model.encode(image, spacing)
+
+    def _prompts(self, prompts: list[list[int]]) -> torch.Tensor:
+        longest = max(map(len, prompts))
+        return torch.tensor([[0] * (longest - len(p)) + p for p in prompts], device=self.device)
+
+    def _run(self, visual: torch.Tensor, regions: np.ndarray, prompts: list[list[int]], rollouts: int,
+             temperature: float, pruning: bool, seed: int) -> tuple[Generation, torch.Tensor, dict[str, float]]:
+        """Prefill every prompt once, repeat each prefix for its rollouts, decode them all together."""
+        t0 = time.perf_counter()
+        region = torch.from_numpy(regions).float().to(self.device)
+        prefix = self.model.prefill(visual, region, self._prompts(prompts), "hard" if pruning else "off",
+                                    capacity=72, physical=True)
+        kept = prefix.kept.float() / self.model.config.visual_tokens
+        t1 = time.perf_counter()
+        prefix.select(torch.arange(len(prompts), device=self.device).repeat_interleave(rollouts))
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        out = generate(self.model, prefix, self.tokenizer, temperature=temperature, generator=generator)
+        return out, kept, {"schedule_s": t1 - t0, "decode_s": time.perf_counter() - t1}
+
+    @torch.no_grad()
+    def sample(self, volume_hu: np.ndarray, spacing_mm: tuple[float, float, float], request: ReadRequest) -> Sampled:
+        """Encode the volume once and sample ``request.rollouts`` answers for every topic and question."""
+        t0 = time.perf_counter()
+        inp = prepare(volume_hu, spacing_mm)
+        visual = self._encode([inp])
+        encode_s = time.perf_counter() - t0
+        names = [*request.topics, *request.questions]
+        prompts = [self.tokenizer.topic_prompt(t) for t in request.topics]
+        prompts += [self.tokenizer.question_prompt(q) for q in request.questions]
+        regions = np.stack([inp.regions[topic_region(t)].reshape(-1) for t in request.topics]
+                           + [inp.regions[question_region(q)].reshape(-1) for q in request.questions])
+        out, kept, timings = self._run(visual.expand(len(prompts), -1, -1), regions, prompts, request.rollouts,
+                                       request.temperature, request.pruning, request.seed)
+        n = request.rollouts
+        candidates: dict[str, list[Candidate]] = {t: [] for t in request.topics}
+        normal_texts: dict[str, list[str]] = {t: [] for t in request.topics}
+        answers: dict[str, list] = {q: [] for q in request.questions}
+        for row in range(len(prompts) * n):
+            name, rollout = names[row // n], row % n
+            items = self.tokenizer.decode_answer(out.tokens[row].tolist())
+            if name in answers:
+                answers[name].append(items[0] if items else ("", None))
+                continue
+            entropies = out.coordinate_entropies(row)
+            boxes = 0
+            for text, box in items:
+                if box is None:
+                    normal_texts[name].append(text)
+                    continue
+                entropy = float(np.mean(entropies[6 * boxes : 6 * boxes + 6])) if len(entropies) >= 6 * (boxes + 1) else 0.0
+                boxes += 1
+                candidates[name].append(Candidate(rollout, finding_type(text), text, tuple(box), entropy))
+        return Sampled(inp, volume_hu.shape, candidates, normal_texts, answers,
+                       {name: float(kept[i]) for i, name in enumerate(names)},
+                       {"encode_s": encode_s, **timings})
+
+    # --- grounding -------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def reground(self, volume_hu: np.ndarray, spacing_mm, targets: list[tuple[str, str, tuple[int, ...]]]) -> list[tuple[int, ...] | None]:
+        """Zoomed re-looks: for each (topic, type, voxel box), crop, re-encode, ask the topic again.
+
+        Returns the refined voxel box per target, or None where the re-look found no box of
+        that type overlapping the original one.
+        """
+        if not targets:
+            return []
+        shape = volume_hu.shape
+        crops = [crop_extent(box, spacing_mm, shape) for _, _, box in targets]
+        inputs = [prepare(volume_hu, spacing_mm, extent) for extent in crops]
+        visual = self._encode(inputs)
+        prompts = [self.tokenizer.topic_prompt(topic) for topic, _, _ in targets]
+        regions = np.stack([inp.regions[topic_region(topic)].reshape(-1) for inp, (topic, _, _) in zip(inputs, targets)])
+        out, _, _ = self._run(visual, regions, prompts, 1, 0.0, True, 0)
+        refined: list[tuple[int, ...] | None] = []
+        for row, ((_, kind, box), extent) in enumerate(zip(targets, crops)):
+            best, best_iou = None, 0.0
+            for text, bins in self.tokenizer.decode_answer(out.tokens[row].tolist()):
+                if bins is None or finding_type(text) != kind:
+                    continue
+                voxel = bins_to_box(bins, extent, shape)
+                overlap = iou3d(voxel, box)
+                if overlap > best_iou:
+                    best, best_iou = voxel, overlap
+            refined.append(best)
+        return refined
+
+    def assemble(self, sampled: Sampled, volume_hu: np.ndarray, spacing_mm, request: ReadRequest,
+                 rollouts: int | None = None) -> tuple[list[TopicResult], list[Answer]]:
+        """Consensus findings per topic (using the first ``rollouts`` rollouts), regrounded, as results."""
+        n = rollouts or request.rollouts
+        shape, extent = sampled.shape, sampled.model_input.extent
+        agreed: list[tuple[str, ConsensusFinding]] = []
+        for topic in request.topics:
+            used = [c for c in sampled.candidates[topic] if c.rollout < n]
+            agreed += [(topic, f) for f in consensus(used, n, BINS)]
+        voxel = [bins_to_box(f.box, extent, shape) for _, f in agreed]
+        relook = [i for i, (_, f) in enumerate(agreed)
+                  if request.reground and f.type in FOCAL_TYPES and f.entropy > request.entropy_threshold]
+        t0 = time.perf_counter()
+        refined = self.reground(volume_hu, spacing_mm, [(agreed[i][0], agreed[i][1].type, voxel[i]) for i in relook])
+        sampled.timings["reground_s"] = time.perf_counter() - t0
+        final = list(voxel)
+        regrounded = [False] * len(agreed)
+        for i, box in zip(relook, refined):
+            if box is not None:
+                final[i], regrounded[i] = box, True
+
+        topics = []
+        for topic in request.topics:
+            findings = [
+                Finding(type=f.type, text=f.text, size_mm=_size_mm(f.text), location=_location(f.text),
+                        confidence=round(f.confidence, 4), box=Box(final[i]),
+                        extra={"agreement": round(f.agreement, 4), "mean_iou": round(f.mean_iou, 4),
+                               "entropy": round(f.entropy, 4), "regrounded": regrounded[i],
+                               "box_before_regrounding": list(voxel[i])})
+                for i, (t, f) in enumerate(agreed) if t == topic
+            ]
+            if findings:
+                topics.append(TopicResult(topic, False, findings, extra={"kept_ratio": round(sampled.kept_ratio[topic], 4)}))
+            else:
+                texts = [t for t in sampled.normal_texts[topic]]
+                text = majority_answer(texts)[0] if texts else NORMAL_SENTENCES.get(topic)
+                topics.append(TopicResult(topic, True, [], text=text, extra={"kept_ratio": round(sampled.kept_ratio[topic], 4)}))
+
+        answers = []
+        for question in request.questions:
+            replies = sampled.answers[question][:n]
+            answer, share = majority_answer([text.strip().lower() for text, _ in replies])
+            boxes = [box for text, box in replies if text.strip().lower() == answer and box is not None]
+            box = vote_box(boxes, BINS) if len(boxes) * 2 > len(replies) else None
+            answers.append(Answer(question, answer, round(share, 4), Box(bins_to_box(box, extent, shape)) if box else None,
+                                  extra={"kept_ratio": round(sampled.kept_ratio[question], 4)}))
+        return topics, answers
+
+    def run(self, volume: Volume, request: ReadRequest = ReadRequest()) -> StudyResult:
+        """Read ``volume``: findings by topic with consensus boxes, answers, timings and token counts."""
+        spacing = volume.spacing_mm
+        sampled = self.sample(volume.hu, spacing, request)
+        topics, answers = self.assemble(sampled, volume.hu, spacing, request)
+        kept = list(sampled.kept_ratio.values())
+        return StudyResult(
+            series_instance_uid=volume.series_instance_uid, engine=self.info, topics=topics, answers=answers,
+            extra={"timings": {k: round(v, 3) for k, v in sampled.timings.items()},
+                   "visual_tokens": self.model.config.visual_tokens,
+                   "mean_kept_ratio": round(float(np.mean(kept)), 4) if kept else None,
+                   "rollouts": request.rollouts, "pruning": request.pruning},
+        )
+
+
+class ReportEngine(DemoEngine):
+    """LLaVA-TA: topic-guided findings only (a request's questions are ignored)."""
+
+    def run(self, volume: Volume, request: ReadRequest = ReadRequest()) -> StudyResult:
+        return super().run(volume, replace(request, questions=()))
+
+
+class QuestionEngine(DemoEngine):
+    """Photon-style question answering only (a request's topics are ignored)."""
+
+    def run(self, volume: Volume, request: ReadRequest = ReadRequest()) -> StudyResult:
+        return super().run(volume, replace(request, topics=()))

@@ -1,0 +1,121 @@
+"""The demo model's mechanics on a tiny random model: Photon scheduling, surrogate gradients,
+independent topics, decoding grammar."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from engines import training
+from engines.decoding import generate
+from engines.model import ModelConfig, ReadoutVLM
+from engines.tokenizer import Tokenizer
+
+TINY = dict(dim=64, heads=4, encoder_layers=1, decoder_layers=4, schedule_layer=1)
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Tokenizer:
+    return Tokenizer()
+
+
+@pytest.fixture()
+def model(tokenizer) -> ReadoutVLM:
+    torch.manual_seed(0)
+    m = ReadoutVLM(ModelConfig(vocab_size=len(tokenizer), **TINY)).eval()
+    # A threshold near the middle of rho's range, so the scheduler drops a real share of tokens.
+    torch.nn.init.constant_(m.scheduler.threshold.out.bias, 0.0)
+    return m
+
+
+def _inputs(tokenizer, n_volumes=2, topics=("lungs", "heart")):
+    torch.manual_seed(1)
+    image = torch.rand(n_volumes, 3, 32, 128, 128)
+    spacing = torch.tensor([[5.0, 2.0, 2.0], [2.5, 1.2, 1.2]][:n_volumes])
+    prompts = [tokenizer.topic_prompt(t) for t in topics]
+    longest = max(map(len, prompts))
+    prompt = torch.tensor([[0] * (longest - len(p)) + p for p in prompts])
+    region = torch.rand(len(topics), 512)
+    return image, spacing, prompt, region
+
+
+def test_scheduler_shortens_sequence_and_cache_by_a_variable_amount(model, tokenizer):
+    image, spacing, prompt, region = _inputs(tokenizer)
+    with torch.no_grad():
+        visual = model.encode(image, spacing)  # two different volumes, two different prompts
+        full = model.prefill(visual, region, prompt, "off", physical=True)
+        pruned = model.prefill(visual, region, prompt, "hard", physical=True)
+    kept = pruned.kept.tolist()
+    assert all(0 < k < 512 for k in kept) and kept[0] != kept[1]
+    # Every layer's cache lost the dropped tokens (padded to the longest kept count).
+    assert {c.length for c in full.caches} == {1 + 512 + prompt.shape[1]}
+    assert {c.length for c in pruned.caches} == {1 + max(kept) + prompt.shape[1]}
+    assert int(pruned.key_valid.sum(-1)[0]) == 1 + kept[0] + int((prompt[0] != 0).sum())
+
+
+def test_physical_pruning_equals_masking(model, tokenizer):
+    image, spacing, prompt, region = _inputs(tokenizer)
+    answer = torch.randint(10, 200, (2, 5))
+    with torch.no_grad():
+        visual = model.encode(image, spacing)
+        masked = model.prefill(visual, region, prompt, "hard", capacity=5, physical=False)
+        physical = model.prefill(visual, region, prompt, "hard", capacity=5, physical=True)
+        a, b = model.extend(masked, answer), model.extend(physical, answer)
+    assert physical.caches[0].length < masked.caches[0].length
+    assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_surrogate_gradient_reaches_the_threshold_in_a_training_step(model, tokenizer):
+    examples = [training.make_example(seed, tokenizer) for seed in (10_000_000, 10_000_001)]
+    # Corrupt one volume and keep the other clean, so every loss term is present.
+    batch = next(b for b in (training.collate(examples, torch.device("cpu"), 0.5, random.Random(s)) for s in range(50))
+                 if b.corrupted.any() and not b.corrupted.all())
+    model.train()
+    losses = training._losses(model, batch, "hard", flip=True)
+    assert {"ce", "band", "flip", "robust"} <= set(losses)
+    sum(v for k, v in losses.items() if k not in ("accuracy", "kept")).backward()
+    for param in model.scheduler.threshold.parameters():
+        assert param.grad is not None and torch.isfinite(param.grad).all()
+    assert model.scheduler.threshold.out.bias.grad.abs().item() > 0
+    assert model.scheduler.threshold.out.weight.grad.abs().sum().item() > 0
+    # The scheduling layer's projections learn through the saliency scores too.
+    qkv = model.decoder[model.config.schedule_layer].attn.qkv.weight.grad
+    assert torch.isfinite(qkv).all() and qkv.abs().sum() > 0
+
+
+def test_topics_are_generated_independently(model, tokenizer):
+    """Changing one topic's prompt in the batch leaves another topic's outputs unchanged."""
+    image, spacing, _, _ = _inputs(tokenizer, n_volumes=1)
+    answer = torch.randint(10, 200, (2, 12), generator=torch.Generator().manual_seed(4))
+    logits, tokens = [], []
+    for other in ("heart", "bones"):
+        _, _, prompt, _ = _inputs(tokenizer, 1, ("lungs", other))
+        region = torch.rand(2, 512, generator=torch.Generator().manual_seed(3))
+        with torch.no_grad():
+            visual = model.encode(image, spacing).expand(2, -1, -1)
+            logits.append(model.extend(model.prefill(visual, region, prompt, "hard", capacity=12, physical=True), answer))
+            prefix = model.prefill(visual, region, prompt, "hard", capacity=24, physical=True)
+            tokens.append(generate(model, prefix, tokenizer, max_new=24).tokens)
+    assert torch.allclose(logits[0][0], logits[1][0], atol=1e-5)
+    assert not torch.allclose(logits[0][1], logits[1][1], atol=1e-3)
+    assert torch.equal(tokens[0][0], tokens[1][0])
+
+
+def test_decoding_grammar_gives_wellformed_boxes(model, tokenizer):
+    image, spacing, prompt, region = _inputs(tokenizer)
+    with torch.no_grad():
+        visual = model.encode(image, spacing)
+        prefix = model.prefill(visual, region, prompt, "hard", capacity=60, physical=True)
+        prefix.select(torch.arange(2).repeat_interleave(8))
+        out = generate(model, prefix, tokenizer, max_new=60, temperature=1.5, generator=torch.Generator().manual_seed(0))
+    for row in range(out.tokens.shape[0]):
+        ids = out.tokens[row].tolist()
+        for i, token in enumerate(ids):
+            if token == tokenizer.box and i + 6 < len(ids):
+                bins = [t - tokenizer.first_bin for t in ids[i + 1 : i + 7]]
+                assert all(0 <= b < tokenizer.bins for b in bins)
+                assert bins[3] >= bins[0] and bins[4] >= bins[1] and bins[5] >= bins[2]
+        coordinates = [t for t in ids if tokenizer.is_bin(t)]
+        assert len(coordinates) == int(out.is_coordinate[row].sum())
