@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import math
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -163,15 +164,23 @@ def render_phantom(
     """
     if seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed}")
-    geo_rng, anatomy_rng, finding_rng, noise_rng = _streams(seed)
+    geo_rng, _, finding_rng, noise_rng = _streams(seed)
     geometry = _draw_geometry(geo_rng)
     plan = _draw_plan(finding_rng, normal, findings)
     variant = _HeartVariant.draw(finding_rng, plan["heart"])
 
     grid = _Grid.of(geometry)
-    painter = _Painter(grid)
-    anatomy = _paint_anatomy(painter, geometry, anatomy_rng, variant)
-    placed = _paint_findings(painter, anatomy, plan, finding_rng)
+    while True:
+        painter = _Painter(grid)
+        anatomy = _paint_anatomy(painter, geometry, _streams(seed)[1], variant)
+        try:
+            placed = _paint_findings(painter, anatomy, plan, finding_rng)
+            break
+        except _NoRoom as exc:
+            if findings and exc.topic in findings:
+                raise RuntimeError(f"phantom {seed}: {exc}") from None
+            # A random plan asked for more than this body has room for: drop that finding, repaint.
+            plan[exc.topic].pop(exc.index)
     _add_noise(painter.hu, geometry.noise_hu, noise_rng)
 
     sp, th = geometry.pixel_spacing_mm, geometry.slice_thickness_mm
@@ -814,6 +823,22 @@ def _paint_ribs(p: _Painter, frame: _Frame, rng: np.random.Generator) -> None:
 # --- findings --------------------------------------------------------------------------------
 
 
+class _NoRoom(RuntimeError):
+    """Finding ``index`` of ``topic`` could not be placed clear of the others."""
+
+    def __init__(self, topic: str, index: int, why: str) -> None:
+        super().__init__(why)
+        self.topic, self.index = topic, index
+
+
+@contextmanager
+def _no_room(topic: str, index: int) -> Iterator[None]:
+    try:
+        yield
+    except RuntimeError as exc:
+        raise _NoRoom(topic, index, str(exc)) from None
+
+
 def _paint_findings(p: _Painter, anatomy: _Anatomy, plan: dict[str, list[str]],
                     rng: np.random.Generator) -> dict[str, list[Finding]]:
     """Paint the planned findings; each one's box is clear of the boxes placed before it.
@@ -836,10 +861,12 @@ def _paint_findings(p: _Painter, anatomy: _Anatomy, plan: dict[str, list[str]],
     pleura = plan["pleura"]
     for j, kind in enumerate(pleura):
         allowed = [sides[j]] if len(pleura) == 2 else sides
-        add("pleura", j, _pleural_finding(p, anatomy, kind, number["pleura", j], boxes, rng, allowed))
+        with _no_room("pleura", j):
+            add("pleura", j, _pleural_finding(p, anatomy, kind, number["pleura", j], boxes, rng, allowed))
     for topic, paint in (("bones", _bone_lesion), ("liver", _liver_lesion), ("lungs", _lung_lesion)):
         for j, kind in enumerate(plan[topic]):
-            add(topic, j, paint(p, anatomy, kind, number[topic, j], boxes, rng))
+            with _no_room(topic, j):
+                add(topic, j, paint(p, anatomy, kind, number[topic, j], boxes, rng))
     return {topic: [placed[topic][j] for j in range(len(plan[topic]))] for topic in TOPICS}
 
 

@@ -1,0 +1,71 @@
+"""The demo engine with the shipped weights: reproducible, and `readout run` writes valid DICOM."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from dicom_sr.conformance import dciodvfy_errors, dsrdump_errors
+from engines.checkpoint import CheckpointError, load_checkpoint
+from engines.phantom import render_phantom
+from engines.registry import EngineError, create_engine
+from engines.results import StudyResult
+from orthanc_plugin.cli import main
+from tests.data.record_demo_reference import greedy_read
+
+REFERENCE = Path(__file__).parent / "data" / "demo_reference.json"
+
+
+def test_shipped_weights_reproduce_the_recorded_output():
+    assert greedy_read() == json.loads(REFERENCE.read_text())
+
+
+def test_shipped_weights_fit_the_size_limit_and_say_how_they_were_made():
+    model, meta = load_checkpoint()
+    weights = Path(__file__).resolve().parents[1] / "engines" / "weights" / "demo.safetensors"
+    assert weights.stat().st_size <= 30 * 1024 * 1024
+    assert meta["training"]["steps"] > 0 and meta["config"]["schedule_layer"] == meta["config"]["decoder_layers"] // 4
+    assert sum(p.numel() for p in model.parameters()) > 1_000_000
+
+
+def test_missing_weights_and_unknown_engine_are_clear_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="model weights not found"):
+        load_checkpoint(tmp_path / "nothing")
+    with pytest.raises(EngineError, match="unknown engine 'gpt'; available: demo"):
+        create_engine("gpt")
+
+
+def test_regrounding_returns_boxes_inside_the_volume():
+    engine = create_engine("demo")
+    phantom = render_phantom(9003, findings={"lungs": ["mass"], "pleura": [], "heart": [], "liver": [], "bones": []})
+    spacing = (phantom.slice_spacing_mm, phantom.pixel_spacing_mm, phantom.pixel_spacing_mm)
+    [mass] = phantom.truth.topics[0].findings
+    [refined] = engine.reground(phantom.hu, spacing, [("lungs", "mass", mass.box.voxel)])
+    if refined is not None:  # the re-look may find nothing; what it returns must be a valid box
+        k0, r0, c0, k1, r1, c1 = refined
+        assert 0 <= k0 < k1 <= phantom.hu.shape[0] and 0 <= r0 < r1 <= phantom.hu.shape[1]
+        assert 0 <= c0 < c1 <= phantom.hu.shape[2]
+
+
+@pytest.mark.slow
+def test_readout_run_writes_findings_sr_seg_and_key_images(make_phantom_study, tmp_path, capsys):
+    study = make_phantom_study(9005, {"lungs": ["mass"], "pleura": ["pleural effusion"], "heart": ["cardiomegaly"],
+                                      "liver": [], "bones": []})
+    # One sampled rollout per prompt: every sampled finding survives, so the SEG and PNG paths run.
+    code = main(["run", str(study / "dicom"), "--out", str(tmp_path), "--rollouts", "1",
+                 "--question", "Is there a pleural effusion?"])
+    assert code == 0
+    result = StudyResult.load(tmp_path / "findings.json")
+    assert [t.topic for t in result.topics] == ["lungs", "pleura", "heart", "liver", "bones"]
+    assert [a.question for a in result.answers] == ["Is there a pleural effusion?"]
+    assert set(result.extra["timings"]) == {"encode_s", "schedule_s", "decode_s", "reground_s"}
+    assert dciodvfy_errors(tmp_path / "sr.dcm") == [] and dsrdump_errors(tmp_path / "sr.dcm") == []
+    boxed = [f for t in result.topics for f in t.findings if f.box]
+    pngs = sorted(tmp_path.glob("*.png"))
+    assert len(pngs) == len(boxed)
+    if boxed:
+        assert dciodvfy_errors(tmp_path / "seg.dcm") == []
+    out = capsys.readouterr().out
+    assert out.index("LUNGS") < out.index("BONES") < out.index("QUESTIONS") < out.index("SR:")
