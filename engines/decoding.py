@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from engines.model import Prefix, ReadoutVLM
-from engines.tokenizer import Tokenizer
+from engines.tokenizer import MAX_ANSWER_TOKENS, Tokenizer
 
 
 @dataclass
@@ -28,7 +28,7 @@ class Generation:
 
 
 @torch.no_grad()
-def generate(model: ReadoutVLM, prefix: Prefix, tokenizer: Tokenizer, max_new: int = 72, temperature: float = 0.0,
+def generate(model: ReadoutVLM, prefix: Prefix, tokenizer: Tokenizer, max_new: int = MAX_ANSWER_TOKENS, temperature: float = 0.0,
              generator: torch.Generator | None = None) -> Generation:
     """Sample up to ``max_new`` tokens for every row of ``prefix`` (greedy when temperature is 0)."""
     rows = prefix.logits.shape[0]

@@ -24,7 +24,7 @@ from engines.phantom import NORMAL_SENTENCES, QUESTIONS, TOPICS
 from engines.preprocess import BINS, ModelInput, bins_to_box, crop_extent, prepare
 from engines.prompts import FOCAL_TYPES, question_region, topic_region
 from engines.results import Answer, Box, EngineInfo, Finding, StudyResult, TopicResult
-from engines.tokenizer import Tokenizer
+from engines.tokenizer import MAX_ANSWER_TOKENS, Tokenizer
 from engines.volume import Volume
 
 ENGINE_VERSION = "0.1.0"
@@ -114,7 +114,7 @@ class DemoEngine:
         t0 = time.perf_counter()
         region = torch.from_numpy(regions).float().to(self.device)
         prefix = self.model.prefill(visual, region, self._prompts(prompts), "hard" if pruning else "off",
-                                    capacity=72, physical=True)
+                                    capacity=MAX_ANSWER_TOKENS, physical=True)
         kept = prefix.kept.float() / self.model.config.visual_tokens
         t1 = time.perf_counter()
         prefix.select(torch.arange(len(prompts), device=self.device).repeat_interleave(rollouts))

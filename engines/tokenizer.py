@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from engines.phantom import NORMAL_SENTENCES, QUESTIONS, TOPICS, VERTEBRAL_LEVELS
 
 SPECIALS = ("<pad>", "<bos>", "<eos>", "<sep>", "<box>", "<unk>")
+# The longest answer the model is trained on and asked for (two findings with boxes fit).
+MAX_ANSWER_TOKENS = 72
 
 # Every word the phantom truth, the topic prompts and the questions use (tests check coverage).
 _WORDS = """

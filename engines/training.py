@@ -28,11 +28,11 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from engines.checkpoint import save_checkpoint
 from engines.model import ModelConfig, ReadoutVLM
 from engines.phantom import NORMAL_SENTENCES, TOPICS, render_phantom
-from engines.preprocess import ModelInput, box_to_bins, crop_extent, prepare
+from engines.preprocess import box_to_bins, crop_extent, prepare
 from engines.prompts import FOCAL_TYPES, question_region, topic_region
 from engines.results import StudyResult
 from engines.scheduler import retention_band_loss
-from engines.tokenizer import Tokenizer
+from engines.tokenizer import MAX_ANSWER_TOKENS, Tokenizer
 
 # --- settings ---------------------------------------------------------------------------------
 TRAIN_SEED_BASE = 10_000_000  # training phantoms: seeds from here up; evaluation uses 9001..., validation 8000...
@@ -49,7 +49,6 @@ NORMAL_SHARE = 0.15  # extra all-normal phantoms, so "normal" is well learnt
 CROP_SHARE = 0.6  # volumes that also yield a zoomed crop example
 CORRUPT_SHARE = 0.15
 ROBUST_WEIGHT, FLIP_WEIGHT, SPARSITY_WEIGHT = 0.05, 0.1, 0.02
-MAX_ANSWER = 72
 
 
 @dataclass
@@ -212,7 +211,7 @@ def collate(examples: list[Example], device: torch.device, corrupt_share: float 
             v = offset + seq.volume
             seq_volume.append(v)
             prompts.append(seq.prompt)
-            answers.append(seq.answer[:MAX_ANSWER])
+            answers.append(seq.answer[:MAX_ANSWER_TOKENS])
     regions_flat = [regions[v] for v in seq_volume]
     seq_regions = [r[name].reshape(-1) for r, name in zip(regions_flat, [s.region for ex in examples for s in ex.sequences])]
     longest_prompt = max(map(len, prompts))

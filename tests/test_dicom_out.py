@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import copy
 import shutil
-from pathlib import Path
 
 import highdicom as hd
 import numpy as np
