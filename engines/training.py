@@ -23,12 +23,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from engines.checkpoint import save_checkpoint
 from engines.model import ModelConfig, ReadoutVLM
 from engines.phantom import NORMAL_SENTENCES, TOPICS, render_phantom
-from engines.preprocess import box_to_bins, crop_extent, prepare
+from engines.preprocess import TOKEN_GRID, box_to_bins, crop_extent, pool_to_tokens, prepare, resample_to_grid
 from engines.prompts import FOCAL_TYPES, question_region, topic_region
 from engines.results import StudyResult
 from engines.scheduler import retention_band_loss
@@ -49,6 +50,9 @@ NORMAL_SHARE = 0.15  # extra all-normal phantoms, so "normal" is well learnt
 CROP_SHARE = 0.6  # volumes that also yield a zoomed crop example
 CORRUPT_SHARE = 0.15
 ROBUST_WEIGHT, FLIP_WEIGHT, SPARSITY_WEIGHT = 0.05, 0.1, 0.02
+# Deep supervision of the vision encoder: a training-only head predicts, per visual token and
+# topic, whether a finding of that topic lies in it (from the phantom's finding map).
+PRESENCE_WEIGHT = 0.5
 
 
 @dataclass
@@ -68,6 +72,19 @@ class Example:
     regions: list[dict[str, np.ndarray]]
     sequences: list[Sequence]
     corrupted: list[bool]
+    presence: list[np.ndarray]  # per volume, float32 [topics, N]: share of each token holding a finding
+
+
+def finding_presence(phantom, extent) -> np.ndarray:
+    """Per topic, the share of each visual token's cells that hold one of the topic's findings."""
+    numbers = [t.topic for t in phantom.truth.topics for _ in t.findings]  # finding n is numbers[n - 1]
+    out = np.zeros((len(TOPICS), *TOKEN_GRID), dtype=np.float32)
+    for index, topic in enumerate(TOPICS):
+        wanted = [n + 1 for n, name in enumerate(numbers) if name == topic]
+        if wanted:
+            mask = np.isin(phantom.finding_map, wanted).astype(np.float32)
+            out[index] = pool_to_tokens(resample_to_grid(mask, extent, fill=0.0) > 0.5)
+    return out.reshape(len(TOPICS), -1)
 
 
 def _uint8(image: np.ndarray) -> np.ndarray:
@@ -93,6 +110,7 @@ def make_example(seed: int, tokenizer: Tokenizer) -> Example:
     full = prepare(phantom.hu, spacing)
     truth = phantom.truth
     images, spacings, regions, corrupted = [full.image], [full.grid_spacing_mm], [full.regions], [False]
+    presence = [finding_presence(phantom, full.extent)]
     sequences = [
         Sequence(0, topic_region(t), tokenizer.topic_prompt(t), tokenizer.encode_answer(topic_items(truth, t, full.extent)))
         for t in TOPICS
@@ -107,12 +125,13 @@ def make_example(seed: int, tokenizer: Tokenizer) -> Example:
         crop = _crop_example(phantom.hu, spacing, truth, focal, rng, tokenizer)
         if crop is not None:
             inp, seq = crop
+            presence.append(finding_presence(phantom, inp.extent))
             images.append(inp.image)
             spacings.append(inp.grid_spacing_mm)
             regions.append(inp.regions)
             corrupted.append(False)
             sequences.append(Sequence(1, seq.region, seq.prompt, seq.answer))
-    return Example([_uint8(i) for i in images], spacings, regions, sequences, corrupted)
+    return Example([_uint8(i) for i in images], spacings, regions, sequences, corrupted, presence)
 
 
 def _crop_example(hu, spacing, truth: StudyResult, focal, rng: random.Random, tokenizer: Tokenizer):
@@ -195,12 +214,15 @@ class Batch:
     prompt: torch.Tensor
     answer: torch.Tensor  # [S, A], 0-padded
     corrupted: torch.Tensor  # [S] bool per sequence
+    presence: torch.Tensor  # [V, topics, N]
+    volume_corrupted: torch.Tensor  # [V]
 
 
 def collate(examples: list[Example], device: torch.device, corrupt_share: float = 0.0, rng: random.Random | None = None) -> Batch:
-    images, spacings, seq_volume, regions, prompts, answers, corrupted = [], [], [], [], [], [], []
+    images, spacings, seq_volume, regions, prompts, answers, corrupted, presence = [], [], [], [], [], [], [], []
     for ex in examples:
         offset = len(images)
+        presence += ex.presence
         for image, spacing, region, broken in zip(ex.images, ex.spacings, ex.regions, ex.corrupted):
             broken = broken or (rng is not None and len(images) == offset and rng.random() < corrupt_share)
             images.append(corrupt(image, rng) if broken and rng is not None else image)
@@ -226,6 +248,8 @@ def collate(examples: list[Example], device: torch.device, corrupt_share: float 
         prompt=prompt.to(device),
         answer=padded.to(device),
         corrupted=torch.tensor([corrupted[v] for v in seq_volume], device=device),
+        presence=torch.from_numpy(np.stack(presence)).to(device),
+        volume_corrupted=torch.tensor(corrupted, device=device),
     )
 
 
@@ -241,13 +265,21 @@ def _learning_rate(progress: float) -> float:
     return LEARNING_RATE * 0.5 * (1 + math.cos(math.pi * min(1.0, (progress - WARMUP) / (1 - WARMUP))))
 
 
-def _losses(model: ReadoutVLM, batch: Batch, pruning: str, flip: bool) -> dict[str, torch.Tensor]:
-    visual = model.encode(batch.image, batch.spacing)[batch.sequence_volume]
+def _losses(model: ReadoutVLM, batch: Batch, pruning: str, flip: bool,
+            presence_head: nn.Module | None = None) -> dict[str, torch.Tensor]:
+    encoded = model.encode(batch.image, batch.spacing)
+    visual = encoded[batch.sequence_volume]
     logits, prefix = model(visual, batch.region, batch.prompt, batch.answer, pruning)
     valid = batch.answer != 0
     clean = valid & ~batch.corrupted[:, None]
     ce = F.cross_entropy(logits.float().transpose(1, 2), batch.answer, reduction="none")
     losses = {"ce": (ce * clean).sum() / clean.sum().clamp(min=1)}
+    if presence_head is not None and (~batch.volume_corrupted).any():
+        logits_p = presence_head(encoded[~batch.volume_corrupted, 1:]).float().transpose(1, 2)  # [V, topics, N]
+        target = (batch.presence[~batch.volume_corrupted] > 0).float()
+        # Findings cover few tokens: weight positives so they are not ignored.
+        pos_weight = ((1 - target).sum() / target.sum().clamp(min=1)).clamp(max=50.0)
+        losses["presence"] = PRESENCE_WEIGHT * F.binary_cross_entropy_with_logits(logits_p, target, pos_weight=pos_weight)
     with torch.no_grad():
         losses["accuracy"] = ((logits.argmax(-1) == batch.answer) & clean).sum() / clean.sum().clamp(min=1)
     broken = valid & batch.corrupted[:, None]
@@ -285,12 +317,14 @@ def train(out: Path, steps: int, device: str = "cpu", time_limit_s: float | None
     tokenizer = Tokenizer()
     dev = torch.device(device)
     model = ReadoutVLM(ModelConfig(vocab_size=len(tokenizer), **(model_size or {}))).to(dev)
+    presence_head = nn.Linear(model.config.dim, len(TOPICS)).to(dev)  # training only, not saved
     threshold = [p for n, p in model.named_parameters() if n.startswith("scheduler.")]
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and not n.startswith("scheduler.")]
     other = [p for n, p in model.named_parameters() if p.dim() < 2 and not n.startswith("scheduler.")]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": 0.05, "scale": 1.0}, {"params": other, "weight_decay": 0.0, "scale": 1.0},
-         {"params": threshold, "weight_decay": 0.0, "scale": THRESHOLD_LR_SCALE}],
+         {"params": threshold, "weight_decay": 0.0, "scale": THRESHOLD_LR_SCALE},
+         {"params": list(presence_head.parameters()), "weight_decay": 0.0, "scale": 1.0}],
         lr=LEARNING_RATE, betas=(0.9, 0.95))
     workers = max(1, (os.cpu_count() or 2) - 1) if workers is None else workers
     loader = iter(DataLoader(PhantomStream(tokenizer), batch_size=None, num_workers=workers, prefetch_factor=4,
@@ -316,7 +350,7 @@ def train(out: Path, steps: int, device: str = "cpu", time_limit_s: float | None
             group["lr"] = _learning_rate(progress) * group["scale"]
         model.train()
         with autocast:
-            losses = _losses(model, batch, pruning, flip=progress >= FLIP_FROM)
+            losses = _losses(model, batch, pruning, flip=progress >= FLIP_FROM, presence_head=presence_head)
         total = sum(v for k, v in losses.items() if k not in ("accuracy", "kept"))
         optimizer.zero_grad(set_to_none=True)
         total.backward()
@@ -368,7 +402,8 @@ def model_card(info: dict, evaluation: str | None = None) -> str:
         f"| final validation (teacher-forced) | {json.dumps(t['final_validation'])} |",
         "",
         "Training: no pruning, then soft (hidden states x p), then hard dropping with Photon's surrogate gradient;",
-        "retention band [0.3, 0.8], robustness (corrupted volumes -> maximal answer entropy) and flip regularizers.",
+        "retention band [0.3, 0.8], robustness (corrupted volumes -> maximal answer entropy) and flip regularizers;",
+        "a training-only head supervises the encoder with each topic's finding locations (not shipped).",
     ]
     if evaluation:
         lines += ["", "## Evaluation", "", evaluation]

@@ -73,8 +73,9 @@ def test_surrogate_gradient_reaches_the_threshold_in_a_training_step(model, toke
     batch = next(b for b in (training.collate(examples, torch.device("cpu"), 0.5, random.Random(s)) for s in range(50))
                  if b.corrupted.any() and not b.corrupted.all())
     model.train()
-    losses = training._losses(model, batch, "hard", flip=True)
-    assert {"ce", "band", "flip", "robust"} <= set(losses)
+    presence_head = torch.nn.Linear(model.config.dim, 5)
+    losses = training._losses(model, batch, "hard", flip=True, presence_head=presence_head)
+    assert {"ce", "band", "flip", "robust", "presence"} <= set(losses)
     sum(v for k, v in losses.items() if k not in ("accuracy", "kept")).backward()
     for param in model.scheduler.threshold.parameters():
         assert param.grad is not None and torch.isfinite(param.grad).all()
@@ -83,6 +84,19 @@ def test_surrogate_gradient_reaches_the_threshold_in_a_training_step(model, toke
     # The scheduling layer's projections learn through the saliency scores too.
     qkv = model.decoder[model.config.schedule_layer].attn.qkv.weight.grad
     assert torch.isfinite(qkv).all() and qkv.abs().sum() > 0
+    assert presence_head.weight.grad.abs().sum() > 0 and model.patch_embed.weight.grad.abs().sum() > 0
+
+
+def test_finding_presence_marks_the_tokens_of_each_topics_findings(tokenizer):
+    from engines.phantom import TOPICS, render_phantom
+    from engines.preprocess import prepare
+
+    phantom = render_phantom(7, findings={"lungs": ["mass"], "pleura": [], "heart": [], "liver": [], "bones": []})
+    spacing = (phantom.slice_spacing_mm, phantom.pixel_spacing_mm, phantom.pixel_spacing_mm)
+    presence = training.finding_presence(phantom, prepare(phantom.hu, spacing).extent)
+    lungs = TOPICS.index("lungs")
+    assert presence[lungs].sum() > 0
+    assert presence[[i for i in range(len(TOPICS)) if i != lungs]].sum() == 0
 
 
 def test_topics_are_generated_independently(model, tokenizer):
