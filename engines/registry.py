@@ -16,7 +16,7 @@ class EngineError(ValueError):
 
 def create_engine(name: str, *, weights: Path | None = None, device: str = "cpu") -> DemoEngine:
     """Load engine ``name`` once; it holds its weights for its lifetime."""
-    if name != "demo":
+    if name not in ENGINES:
         raise EngineError(f"unknown engine {name!r}; available: {', '.join(ENGINES)}")
     model, _ = load_checkpoint(weights or SHIPPED, device)
     return DemoEngine(model, device=device)

@@ -224,7 +224,7 @@ class DemoEngine:
             if findings:
                 topics.append(TopicResult(topic, False, findings, extra={"kept_ratio": round(sampled.kept_ratio[topic], 4)}))
             else:
-                texts = [t for t in sampled.normal_texts[topic]]
+                texts = sampled.normal_texts[topic]
                 text = majority_answer(texts)[0] if texts else NORMAL_SENTENCES.get(topic)
                 topics.append(TopicResult(topic, True, [], text=text, extra={"kept_ratio": round(sampled.kept_ratio[topic], 4)}))
 
