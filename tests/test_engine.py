@@ -19,7 +19,11 @@ REFERENCE = Path(__file__).parent / "data" / "demo_reference.json"
 
 
 def test_shipped_weights_reproduce_the_recorded_output():
-    assert greedy_read() == json.loads(REFERENCE.read_text())
+    now, recorded = greedy_read(), json.loads(REFERENCE.read_text())
+    # Float rounding differs between CPUs: a token whose rho sits on theta may flip, nothing more.
+    for prompt, share in recorded["kept_ratio"].items():
+        assert abs(now["kept_ratio"][prompt] - share) <= 3 / 512, prompt
+    assert {k: v for k, v in now.items() if k != "kept_ratio"} == {k: v for k, v in recorded.items() if k != "kept_ratio"}
 
 
 def test_shipped_weights_fit_the_size_limit_and_say_how_they_were_made():
