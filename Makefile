@@ -31,3 +31,4 @@ test: install
 
 bench: install
 	$(PY) bench/volume.py
+	$(PY) bench/engine.py
