@@ -9,13 +9,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from engines.errors import CheckpointError
 from engines.model import ModelConfig, ReadoutVLM
 
 SHIPPED = Path(__file__).with_name("weights") / "demo"
-
-
-class CheckpointError(ValueError):
-    """A model folder or file that is missing or does not match the code; says what is expected."""
 
 
 def save_checkpoint(model: ReadoutVLM, stem: Path, info: dict[str, Any]) -> None:

@@ -5,13 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from engines.checkpoint import SHIPPED, load_checkpoint
+from engines.errors import EngineError
 from engines.report import DemoEngine
 
 ENGINES = ("demo",)
-
-
-class EngineError(ValueError):
-    """An engine that does not exist or cannot be loaded; says what is available."""
 
 
 def create_engine(name: str, *, weights: Path | None = None, device: str = "cpu") -> DemoEngine:

@@ -18,11 +18,8 @@ from tqdm import tqdm
 
 from dicom_sr.seg import write_segmentation
 from dicom_sr.sr import write_report
-from engines.checkpoint import CheckpointError
-from engines.keyimage import write_key_image
+from engines.errors import CheckpointError, EngineError
 from engines.phantom import TOPICS, write_phantom_study
-from engines.registry import EngineError, create_engine
-from engines.report import ReadRequest
 from engines.results import FindingsError, StudyResult
 from engines.series import load_study_volume
 from engines.volume import Volume, VolumeError
@@ -120,6 +117,11 @@ def _write_outputs(result: StudyResult, volume: Volume, out: Path, rule: str) ->
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    # The engines load torch (seconds): only the commands that read images import them.
+    from engines.keyimage import write_key_image
+    from engines.registry import create_engine
+    from engines.report import ReadRequest
+
     topics = tuple(t.strip() for t in args.topics.split(",") if t.strip())
     request = ReadRequest(topics=topics, questions=tuple(args.question), rollouts=args.rollouts,
                           pruning=not args.no_scheduling, reground=not args.no_regrounding)
@@ -154,6 +156,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from engines.evaluation import evaluate, format_table, write_results
+    from engines.registry import create_engine
 
     engine = create_engine("demo", weights=Path(args.weights) if args.weights else None)
     with tqdm(desc="evaluating", unit="phantom", disable=None, file=sys.stderr) as bar:
