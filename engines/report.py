@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from engines.decoding import Generation, generate
+from engines.errors import EngineError
 from engines.grounding import Candidate, ConsensusFinding, consensus, iou3d, majority_answer, vote_box
 from engines.model import ReadoutVLM
 from engines.phantom import NORMAL_SENTENCES, QUESTIONS, TOPICS
@@ -49,6 +50,12 @@ class ReadRequest:
     reground: bool = True
     entropy_threshold: float = 1.0
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.topics and not self.questions:
+            raise EngineError("nothing to read: the request names no topic and no question")
+        if self.rollouts < 1:
+            raise EngineError(f"rollouts must be at least 1, got {self.rollouts}")
 
 
 @dataclass

@@ -73,3 +73,10 @@ def test_readout_run_writes_findings_sr_seg_and_key_images(make_phantom_study, t
         assert dciodvfy_errors(tmp_path / "seg.dcm") == []
     out = capsys.readouterr().out
     assert out.index("LUNGS") < out.index("BONES") < out.index("QUESTIONS") < out.index("SR:")
+
+
+def test_run_refuses_an_empty_request(make_phantom_study, tmp_path, capsys):
+    study = make_phantom_study(22, normal=True)
+    assert main(["run", str(study / "dicom"), "--out", str(tmp_path), "--topics", ""]) == 2
+    assert "nothing to read" in capsys.readouterr().err
+    assert main(["run", str(study / "dicom"), "--out", str(tmp_path), "--rollouts", "0"]) == 2
