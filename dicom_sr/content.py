@@ -19,13 +19,20 @@ CHARACTER_SET = "ISO_IR 192"
 
 @dataclass(frozen=True)
 class OutputIds:
-    """UIDs of one read's outputs, derived from (study, rule, engine, version)."""
+    """UIDs of one read's outputs, derived from (study, rule, engine, engine version, read version).
+
+    ``read`` counts the reads of the same study by the same rule: a study that receives new
+    images is read again and its new outputs must not overwrite the old ones.
+    """
 
     study_uid: str
     rule: str
     engine: EngineInfo
+    read: int = 1
 
     def uid(self, kind: str) -> str:
+        if self.read != 1:
+            kind = f"{kind}@read{self.read}"
         return uids.output_uid(self.study_uid, self.rule, self.engine.name, self.engine.version, kind)
 
     def tracking_uid(self, label: str) -> str:

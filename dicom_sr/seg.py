@@ -22,8 +22,11 @@ from engines.volume import Volume
 SEG_SERIES_NUMBER = 9902
 
 
-def write_segmentation(result: StudyResult, volume: Volume, *, rule: str = "manual") -> hd.seg.Segmentation | None:
+def write_segmentation(result: StudyResult, volume: Volume, *, rule: str = "manual",
+                       read: int = 1) -> hd.seg.Segmentation | None:
     """The SEG of ``result``'s boxes over ``volume``, or ``None`` when no finding has a box.
+
+    ``read`` numbers the reads of this study by ``rule`` (see ``dicom_sr.content.OutputIds``).
 
     Each boxed finding becomes one segment (label "topic type", the topic's colour, the same
     tracking UID as its SR group) whose voxels are exactly the box. Only frames that hold a
@@ -38,7 +41,7 @@ def write_segmentation(result: StudyResult, volume: Volume, *, rule: str = "manu
     if not boxed:
         return None
     result.check_fits(volume.shape)
-    ids = OutputIds(volume.study_instance_uid, rule, result.engine)
+    ids = OutputIds(volume.study_instance_uid, rule, result.engine, read)
 
     multiframe = volume.frame_numbers[0] is not None
     if multiframe:

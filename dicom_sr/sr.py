@@ -51,8 +51,13 @@ def write_report(
     segmentation: hd.seg.Segmentation | None = None,
     *,
     rule: str = "manual",
+    read: int = 1,
+    predecessor: Dataset | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """The SR of ``result`` over ``volume``, referencing ``segmentation``'s segments.
+
+    ``read`` numbers the reads of this study by ``rule`` (see ``OutputIds``); ``predecessor`` is
+    the SR of the previous read, listed in PredecessorDocumentsSequence.
 
     Raises
     ------
@@ -65,7 +70,7 @@ def write_report(
     boxed = boxed_findings(result)
     if boxed and segmentation is None:
         raise ValueError("findings have boxes: pass the SEG written for them (write_segmentation)")
-    ids = OutputIds(volume.study_instance_uid, rule, result.engine)
+    ids = OutputIds(volume.study_instance_uid, rule, result.engine, read)
     sources = writable_sources(volume.sources)
     by_uid = {ds.SOPInstanceUID: ds for ds in sources}
     algorithm = hd.sr.AlgorithmIdentification(name=result.engine.name, version=result.engine.version)
@@ -193,6 +198,7 @@ def write_report(
         is_final=False,
         is_verified=False,
         contributing_equipment=[contributing_equipment(result.engine)],
+        previous_versions=[predecessor] if predecessor is not None else None,
         series_description=f"Readout AI report ({result.engine.name})"[:64],
     )
     sr.SpecificCharacterSet = CHARACTER_SET

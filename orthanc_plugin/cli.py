@@ -9,10 +9,9 @@ import argparse
 import json
 import sys
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from tqdm import tqdm
 
@@ -192,6 +191,26 @@ def cmd_phantom(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from orthanc_plugin.serve import exec_orthanc, write_configuration
+    from orthanc_plugin.settings import DEFAULT_SETTINGS, load_settings
+
+    settings_path = Path(args.config) if args.config else DEFAULT_SETTINGS
+    settings = load_settings(settings_path)
+    config = write_configuration(settings, settings_path, Path(args.storage), args.http_port, args.dicom_port,
+                                 args.stable_age)
+    print(f"Orthanc: http://127.0.0.1:{args.http_port}/ (DICOM port {args.dicom_port}, AE title ORTHANC); "
+          f"configuration {config}", flush=True)
+    exec_orthanc(config, verbose=args.verbose)
+    return EXIT_OK  # not reached: Orthanc replaced this process
+
+
+def cmd_runner(args: argparse.Namespace) -> int:
+    from orthanc_plugin import runner
+
+    return runner.main(args.runner_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="readout", description="AI reads of CT studies: topic-organized DICOM SR and SEG.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -235,6 +254,21 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument("--minutes", type=float, help="stop after this long (progress follows time)")
     training.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     training.set_defaults(run=cmd_train)
+
+    serve = commands.add_parser("serve", help="start Orthanc with Readout and DICOMweb in the foreground")
+    serve.add_argument("--config", help="Readout settings (default: config/readout.json)")
+    serve.add_argument("--http-port", type=int, default=8042)
+    serve.add_argument("--dicom-port", type=int, default=4242)
+    serve.add_argument("--storage", default="out/orthanc", help="Orthanc's storage, the job store and the generated configuration")
+    serve.add_argument("--stable-age", type=int, help="seconds without new instances before a study counts as complete "
+                       "(default: the settings' value)")
+    serve.add_argument("--verbose", action="store_true", help="Orthanc's verbose log")
+    serve.set_defaults(run=cmd_serve)
+
+    runner = commands.add_parser("runner", help="run Readout's jobs against an Orthanc server (see `readout runner --help`)",
+                                 add_help=False)
+    runner.add_argument("runner_args", nargs=argparse.REMAINDER)
+    runner.set_defaults(run=cmd_runner)
 
     phantom = commands.add_parser("phantom", help="write a synthetic CT study and its truth.json")
     phantom.add_argument("out_dir")
