@@ -1,7 +1,8 @@
 """The rules in force: the rules file, reloaded when it changes, the last good version kept.
 
-A rules file that does not validate is refused: the previous rules stay active and the
-refusal (with the JSON path of each problem) is recorded in the job store for the admin API.
+A rules file that does not validate is refused: the previous rules stay active (the last good
+rules are kept in the job store, so this holds across restarts) and the refusal (with the JSON
+path of each problem) is recorded there for the admin API.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from orthanc_plugin.settings import Settings
 
 log = logging.getLogger("readout.rules")
 RULES_ERROR = "rules_error"
+LAST_GOOD = "rules_last_good"  # survives restarts, so a file broken meanwhile changes nothing
 
 
 class ActiveRules:
@@ -39,13 +41,14 @@ class ActiveRules:
             try:
                 self._rules = self.validate(path)
                 self.store.set_setting(RULES_ERROR, None)
+                self.store.set_setting(LAST_GOOD, self._rules.to_json())
                 log.info("rules loaded: %d rule(s)", len(self._rules.rules))
             except RulesError as error:
                 self.store.set_setting(RULES_ERROR, str(error))
-                log.error("rules file refused (%s): %s",
-                          "previous rules stay active" if self._rules else "no rules active", error)
-                if self._rules is None:
-                    self._rules = RuleSet(rules=())
+                if self._rules is None:  # e.g. the file broke while the runner was down
+                    last_good = self.store.get_setting(LAST_GOOD)
+                    self._rules = self.validate(last_good) if last_good else RuleSet(rules=())
+                log.error("rules file refused (%d previous rule(s) stay active): %s", len(self._rules.rules), error)
         return self._rules
 
     def replace(self, text: str) -> RuleSet:

@@ -66,7 +66,8 @@ class AdminApi:
                     except JobError as error:
                         return (404 if str(error).startswith("no job") else 409), {"error": str(error)}
         if allowed:
-            return 405, {"error": f"{method} not allowed on /readout/{path}; use {', '.join(allowed)}"}
+            return 405, {"error": f"{method} not allowed on /readout/{path}; use {', '.join(allowed)}",
+                         "allow": ",".join(allowed)}
         return 404, {"error": f"no such endpoint: /readout/{path}"}
 
     # --- jobs ----------------------------------------------------------------------------------
@@ -109,7 +110,7 @@ class AdminApi:
                 rule = self.rules.validate({"rules": [spec]}).rules[0]
             except RulesError as error:
                 raise ApiError(400, str(error).replace("$.rules[0]", "$")) from None
-        return 201, enqueue_read(self.store, study, rule).to_json()
+        return 200, enqueue_read(self.store, study, rule).to_json()
 
     def _study(self, request: dict) -> StoredStudy:
         key = request.get("study")

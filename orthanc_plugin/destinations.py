@@ -41,7 +41,7 @@ def deliver(store: JobStore, client: OrthancClient, settings: Settings, job: Job
         return store.set_destination(job.id, name, state="failed", attempts=attempts,
                                      last_error=f"no destination named {name!r} in the settings")
     instance_ids = [job.outputs[k] for k in ("sr_orthanc_id", "seg_orthanc_id") if job.outputs.get(k)]
-    store.set_destination(job.id, name, state="sending", attempts=attempts)
+    store.set_destination(job.id, name, state="sending", attempts=attempts, sending_since=time.time())
     started = time.monotonic()
     try:
         send(client, destination, instance_ids, settings.forward_timeout_s)

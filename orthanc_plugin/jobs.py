@@ -148,7 +148,10 @@ class JobStore:
     def enqueue(self, *, study_id: str, study_instance_uid: str, rule: str, engine: str, request: dict[str, Any],
                 fingerprint: str, priority: int = 0, destinations: tuple[str, ...] = (), series: dict | None = None,
                 state: str = "queued", error: str | None = None) -> Job:
-        """Add a job; its version counts the earlier reads of the same study by the same rule."""
+        """Add a job (queued, or failed from birth); its version counts the earlier reads of the
+        same study by the same rule."""
+        if state not in ("queued", "failed"):
+            raise ValueError(f"a new job is queued or failed, not {state!r}")
         now = time.time()
         with self._write() as db:
             row = db.execute("SELECT MAX(version) FROM jobs WHERE study_id = ? AND rule = ?", (study_id, rule)).fetchone()
@@ -239,8 +242,8 @@ class JobStore:
         values = {k: json.dumps(v) if k in _JSON_COLUMNS else v for k, v in fields.items()}
         now = time.time()
         values["updated_at"] = now
-        if fields.get("state") in FINAL:
-            values["finished_at"] = now
+        if "state" in fields:
+            values["finished_at"] = now if fields["state"] in FINAL else None
         if fields.get("state") and fields["state"] not in ACTIVE:
             values["lease_owner"] = None
             values["lease_expires_at"] = None
@@ -255,6 +258,8 @@ class JobStore:
     def add_timing(self, job_id: int, name: str, seconds: float) -> None:
         with self._write() as db:
             row = db.execute("SELECT timings FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                raise JobError(f"no job {job_id}")
             timings = json.loads(row[0])
             timings[name] = round(seconds, 3)
             db.execute("UPDATE jobs SET timings = ? WHERE id = ?", (json.dumps(timings), job_id))
@@ -278,6 +283,8 @@ class JobStore:
         now = time.time()
         with self._write() as db:
             row = db.execute("SELECT destinations, state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                raise JobError(f"no job {job_id}")
             destinations = json.loads(row[0])
             destinations.setdefault(name, {"state": "pending", "attempts": 0}).update(fields)
             states = {d["state"] for d in destinations.values()}
@@ -295,13 +302,19 @@ class JobStore:
                         finished is not None, state, job_id))
         return self.get(job_id)
 
-    def due_deliveries(self, limit: int = 20) -> list[tuple[Job, str]]:
-        """(job, destination) pairs in forwarding whose destination is pending or due for a retry."""
+    def due_deliveries(self, stale_after_s: float, limit: int = 20) -> list[tuple[Job, str]]:
+        """(job, destination) pairs in forwarding whose destination is pending or due for a retry.
+
+        A delivery still "sending" after ``stale_after_s`` lost its runner and is due again.
+        """
         now = time.time()
         out = []
         for job in self.list(state="forwarding", limit=1000)[::-1]:
             for name, d in job.destinations.items():
-                if d["state"] == "pending" or (d["state"] == "retrying" and d.get("next_attempt_at", 0) <= now):
+                due = (d["state"] == "pending"
+                       or (d["state"] == "retrying" and d.get("next_attempt_at", 0) <= now)
+                       or (d["state"] == "sending" and d.get("sending_since", 0) + stale_after_s <= now))
+                if due:
                     out.append((job, name))
         return out[:limit]
 
@@ -323,11 +336,11 @@ class JobStore:
         return self.get(job_id)
 
     def retry(self, job_id: int) -> Job:
-        """Run a failed or cancelled job again: only its deliveries when its outputs are already stored."""
+        """Run a failed or cancelled job again: only its undelivered deliveries when its outputs are stored."""
         job = self.get(job_id)
         if job.state not in ("failed", "cancelled", "retrying"):
             raise JobError(f"job {job_id} is {job.state}; only failed, cancelled or retrying jobs can be retried")
-        if job.outputs.get("stored") and any(d["state"] == "failed" for d in job.destinations.values()):
+        if job.outputs.get("stored") and any(d["state"] != "done" for d in job.destinations.values()):
             destinations = {n: (d if d["state"] == "done" else {"state": "pending", "attempts": 0})
                             for n, d in job.destinations.items()}
             self.update(job_id, state="forwarding", step="forwarding", error=None, destinations=destinations)

@@ -112,6 +112,8 @@ def register() -> None:
         body = json.dumps(answer, indent=1)
         if status < 300:
             output.AnswerBuffer(body, "application/json")
+        elif status == 405:  # Orthanc insists on its dedicated method (and sets the Allow header)
+            output.SendMethodNotAllowed(answer["allow"])
         else:
             output.SendHttpStatus(status, body, len(body))
 

@@ -76,13 +76,15 @@ class Runner:
         self.engines: dict[str, Any] = {}
         self._seen = 0.0
         self._caught_up = 0.0
-        self.intake = Intake(store, client.get_json, ActiveRules(settings, store).get)
+        self.rules = ActiveRules(settings, store)
+        self.intake = Intake(store, client.get_json, self.rules.get)
 
     # --- the loop ------------------------------------------------------------------------------
 
     def run_forever(self, stop: threading.Event | None = None) -> None:
         stop = stop or threading.Event()
         log.info("runner %s started", self.owner)
+        self.rules.get()
         while not stop.is_set():
             if self.parent_pid is not None and os.getppid() != self.parent_pid:
                 log.info("Orthanc (pid %d) is gone: runner stops", self.parent_pid)
@@ -109,7 +111,7 @@ class Runner:
         if job is not None:
             self.execute(job)
             busy = True
-        for job, name in self.store.due_deliveries():
+        for job, name in self.store.due_deliveries(stale_after_s=self.settings.forward_timeout_s + 30):
             deliver(self.store, self.client, self.settings, job, name)
             busy = True
         return busy

@@ -5,10 +5,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import sys
 import sysconfig
+import time
 from pathlib import Path
 from typing import Any
+
+import requests
 
 from orthanc_plugin.settings import Settings
 
@@ -66,3 +70,23 @@ def exec_orthanc(config: Path, verbose: bool = False) -> None:
     """Replace this process with Orthanc (foreground; Ctrl-C stops it)."""
     binary = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
     os.execv(binary, [binary, *(["--verbose"] if verbose else []), str(config)])
+
+
+def start_orthanc(config: Path, log: Path) -> subprocess.Popen:
+    """Start Orthanc in the background with its log in ``log`` (for tests and benchmarks)."""
+    binary = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
+    with log.open("ab") as out:
+        return subprocess.Popen([binary, str(config)], stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_until_up(url: str, timeout_s: float = 30.0, auth: tuple[str, str] | None = None) -> None:
+    """Wait until Orthanc answers on ``url`` (its /system route); TimeoutError after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(f"{url}/system", auth=auth, timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"Orthanc at {url} did not come up within {timeout_s:.0f} s")
