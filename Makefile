@@ -32,3 +32,4 @@ test: install
 bench: install
 	$(PY) bench/volume.py
 	$(PY) bench/engine.py
+	$(PY) bench/orthanc.py

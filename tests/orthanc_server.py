@@ -175,3 +175,41 @@ def small_study(folder: Path, seed: int, *, description: str = "CT chest upper a
             edit(ds)
     write_datasets(datasets, folder)
     return datasets[0].StudyInstanceUID, datasets
+
+
+@dataclass
+class PlainOrthanc:
+    """A second Orthanc (DICOMweb plugin only) standing in for the hospital PACS."""
+
+    folder: Path
+    aet: str = "PACS"
+    http_port: int = field(default_factory=free_port)
+    dicom_port: int = field(default_factory=free_port)
+    process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def start(self) -> PlainOrthanc:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        config = self.folder / "orthanc.json"
+        config.write_text(json.dumps({
+            "Name": self.aet, "StorageDirectory": str(self.folder / "db"), "IndexDirectory": str(self.folder / "db"),
+            "HttpPort": self.http_port, "DicomPort": self.dicom_port, "DicomAet": self.aet,
+            "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
+            "Plugins": ["/usr/share/orthanc/plugins/libOrthancDicomWeb.so"], "DicomWeb": {"Enable": True},
+        }))
+        self.process = start_orthanc(config, self.folder / "orthanc.log")
+        wait_until_up(self.url)
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(timeout=30)
+            self.process = None
+
+    def sop_instance_uids(self) -> set[str]:
+        instances = requests.get(f"{self.url}/instances?expand", timeout=30).json()
+        return {i["MainDicomTags"]["SOPInstanceUID"] for i in instances}

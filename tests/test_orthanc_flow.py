@@ -21,7 +21,7 @@ import pytest
 import requests
 
 from dicom_sr.conformance import dciodvfy_errors, dsrdump_errors
-from tests.orthanc_server import ReadoutServer, small_study
+from tests.orthanc_server import PlainOrthanc, ReadoutServer, small_study
 from tests.sr_reading import read_groups
 
 pytestmark = pytest.mark.slow
@@ -314,3 +314,78 @@ def test_admin_api_needs_authentication_and_logs_carry_no_patient_data(server, t
     assert "job 1: stored" in log  # the log is the one the runner wrote to
     for secret in ("Doe", "Jane", "MRN-5551234", "5551234"):
         assert secret not in log
+
+
+@pytest.fixture
+def pacs(tmp_path: Path):
+    made: list[PlainOrthanc] = []
+
+    def make(name: str) -> PlainOrthanc:
+        made.append(PlainOrthanc(tmp_path / name, aet=name.upper()))
+        return made[-1]
+
+    yield make
+    for p in made:
+        p.stop()
+
+
+def _forwarding_server(server, dicom: PlainOrthanc, web: PlainOrthanc, attempts: int) -> ReadoutServer:
+    orthanc = server()
+    orthanc.settings["forwarding"].update(attempts=attempts, backoff_s=0.5, backoff_max_s=1.0)
+    orthanc.settings["destinations"] = {
+        "pacs": {"kind": "dicom", "aet": dicom.aet, "host": "127.0.0.1", "port": dicom.dicom_port},
+        "archive": {"kind": "dicomweb", "url": f"{web.url}/dicom-web/"},
+    }
+    rules = json.loads((Path(__file__).parents[1] / "config" / "rules.json").read_text())
+    rules["rules"][0]["destinations"] = ["pacs", "archive"]
+    orthanc.rules = rules
+    return orthanc.start()
+
+
+def test_outputs_are_forwarded_over_dicom_and_dicomweb(server, pacs, tmp_path: Path) -> None:
+    dicom, web = pacs("pacs").start(), pacs("archive").start()
+    orthanc = _forwarding_server(server, dicom, web, attempts=5)
+    study_uid, _ = small_study(tmp_path / "study", seed=30)
+    orthanc.send(tmp_path / "study")
+    [job] = orthanc.wait_jobs(study_uid)
+    outputs = {job["outputs"]["sr"], job["outputs"]["seg"]}
+    assert dicom.sop_instance_uids() == outputs and web.sop_instance_uids() == outputs  # SR and SEG, nothing else
+    assert {d["state"] for d in job["destinations"].values()} == {"done"}
+    assert {"forward_pacs_s", "forward_archive_s"} <= set(job["timings"])
+
+
+def test_a_destination_that_is_down_is_retried_and_does_not_block_other_jobs(server, pacs, tmp_path: Path) -> None:
+    dicom, web = pacs("pacs"), pacs("archive").start()  # the DICOM destination is down
+    orthanc = _forwarding_server(server, dicom, web, attempts=100)
+    first_uid, _ = small_study(tmp_path / "first", seed=31)
+    orthanc.send(tmp_path / "first")
+    orthanc.wait(lambda: orthanc.jobs(first_uid)[0]["destinations"]["pacs"]["attempts"] >= 2, "delivery retries")
+    [first] = orthanc.jobs(first_uid)
+    assert first["state"] == "forwarding" and first["destinations"]["pacs"]["state"] in ("retrying", "sending")
+    assert first["destinations"]["archive"]["state"] == "done"  # the other destination was not held up
+
+    second_uid, _ = small_study(tmp_path / "second", seed=32)
+    orthanc.send(tmp_path / "second")
+    orthanc.wait(lambda: orthanc.jobs(second_uid)[0]["outputs"].get("stored"), "the next study to be read and stored")
+
+    dicom.start()  # the PACS is back: both jobs deliver by themselves
+    first, second = orthanc.wait_jobs(first_uid)[0], orthanc.wait_jobs(second_uid)[0]
+    assert dicom.sop_instance_uids() == {first["outputs"]["sr"], first["outputs"]["seg"],
+                                         second["outputs"]["sr"], second["outputs"]["seg"]}
+
+
+def test_a_delivery_that_gives_up_fails_the_job_and_an_admin_can_retry_it(server, pacs, tmp_path: Path) -> None:
+    dicom, web = pacs("pacs"), pacs("archive").start()
+    orthanc = _forwarding_server(server, dicom, web, attempts=2)
+    study_uid, _ = small_study(tmp_path / "study", seed=33)
+    orthanc.send(tmp_path / "study")
+    [job] = orthanc.wait_jobs(study_uid, states=("failed",))
+    assert job["error"].startswith("destination pacs:") and job["destinations"]["pacs"]["attempts"] == 2
+    assert job["destinations"]["archive"]["state"] == "done"
+
+    dicom.start()
+    response = orthanc.request("POST", f"/readout/jobs/{job['id']}/retry")
+    assert response.status_code == 200 and response.json()["state"] == "forwarding"
+    [job] = orthanc.wait_jobs(study_uid)
+    assert job["attempts"] == 1  # delivered again, not read again
+    assert dicom.sop_instance_uids() == {job["outputs"]["sr"], job["outputs"]["seg"]}
