@@ -22,8 +22,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: install
-	$(VENV)/bin/readout phantom out/demo --seed 7
-	$(VENV)/bin/readout export --findings out/demo/truth.json out/demo/dicom --out out/demo
+	$(VENV)/bin/readout demo
 
 test: install
 	$(VENV)/bin/pytest -q -m "not slow"

@@ -97,9 +97,20 @@ class Server:
     dcmtk_env: dict[str, str]  # the environment storescu runs in (the same TCP_NODELAY as Orthanc)
 
     def get(self, path: str):
-        response = self.http.get(self.url + path, timeout=30)
+        return self.request("GET", path).json()
+
+    def request(self, method: str, path: str, **kwargs) -> requests.Response:
+        """One request, tried again when Orthanc dropped a kept-alive connection (KeepAliveTimeout 1 s)."""
+        for attempt in range(3):
+            try:
+                response = self.http.request(method, self.url + path, timeout=30, **kwargs)
+                break
+            except requests.ConnectionError:
+                if attempt == 2:
+                    raise
+                time.sleep(0.05)
         response.raise_for_status()
-        return response.json()
+        return response
 
     @property
     def database(self) -> Path:
@@ -205,6 +216,22 @@ def orthanc(settings_path: Path, storage: Path, *, readout: bool, nodelay: bool 
         raise
     finally:
         _stop(process)
+        if readout:
+            _scan_runner_log(storage / "orthanc.log")
+
+
+RUNNER_TROUBLE = {"Orthanc unavailable": "runner waits: Orthanc unavailable", "; retrying in": "job retries",
+                  "internal error": "internal errors", "runner exited": "runner restarts"}
+TROUBLE: dict[str, int] = dict.fromkeys(RUNNER_TROUBLE.values(), 0)  # over every Orthanc with Readout in this run
+
+
+def _scan_runner_log(log: Path) -> None:
+    """Count the runner's warnings (its log goes to Orthanc's) before the storage is deleted."""
+    with contextlib.suppress(OSError):
+        for line in log.read_text(errors="replace").splitlines():
+            for needle, what in RUNNER_TROUBLE.items():
+                if needle in line:
+                    TROUBLE[what] += 1
 
 
 def _wait_for_runner(server: Server, timeout_s: float = 120.0) -> None:
@@ -234,9 +261,8 @@ def send(server: Server, *folders: Path, recurse: bool = False) -> float:
 
 
 def study_id(server: Server, study_instance_uid: str) -> str:
-    response = server.http.post(server.url + "/tools/lookup", data=study_instance_uid, timeout=30)
-    response.raise_for_status()
-    found = [r["ID"] for r in response.json() if r["Type"] == "Study"]
+    answer = server.request("POST", "/tools/lookup", data=study_instance_uid).json()
+    found = [r["ID"] for r in answer if r["Type"] == "Study"]
     if not found:
         raise RuntimeError(f"study {study_instance_uid} is not in Orthanc after storescu")
     return found[0]
@@ -531,6 +557,8 @@ def main() -> None:
         for ingest in ingests:
             measure_ingest(settings_path, tmp, ingest)
 
+    servers = 1 + sum(len(i.runs["b"]) for i in ingests)
+    trouble = ", ".join(f"{n} {what}" for what, n in TROUBLE.items())
     when = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     command = "python bench/orthanc.py" + (" --quick" if args.quick else "")
     n_latency = len(sizes["latency_seeds"]) - 1
@@ -568,6 +596,8 @@ both with TCP_NODELAY=1. Target b / a <= 1.05.
 every job ended done. Studies/min = jobs / (last `finished_at` - first `created_at`).
 
 {burst_table(burst)}
+
+Runner log over all {servers} Orthanc servers with Readout in this run: {trouble}.
 """
     print(text)
     if not (args.quick or args.no_record):

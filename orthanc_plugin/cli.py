@@ -205,6 +205,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return EXIT_OK  # not reached: Orthanc replaced this process
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from orthanc_plugin.demo import run_demo
+
+    return run_demo(Path(args.storage), args.http_port, args.dicom_port, args.seed, stay=not args.exit)
+
+
 def cmd_runner(args: argparse.Namespace) -> int:
     from orthanc_plugin import runner
 
@@ -264,6 +270,14 @@ def build_parser() -> argparse.ArgumentParser:
                        "(default: the settings' value)")
     serve.add_argument("--verbose", action="store_true", help="Orthanc's verbose log")
     serve.set_defaults(run=cmd_serve)
+
+    demo = commands.add_parser("demo", help="start Orthanc with Readout, send a phantom study with storescu, show the read")
+    demo.add_argument("--storage", default="out/demo-orthanc", help="a fresh Orthanc storage (emptied first)")
+    demo.add_argument("--http-port", type=int, default=8042)
+    demo.add_argument("--dicom-port", type=int, default=4242)
+    demo.add_argument("--seed", type=int, default=7)
+    demo.add_argument("--exit", action="store_true", help="stop Orthanc after the read instead of waiting for Ctrl-C")
+    demo.set_defaults(run=cmd_demo)
 
     runner = commands.add_parser("runner", help="run Readout's jobs against an Orthanc server (see `readout runner --help`)",
                                  add_help=False)

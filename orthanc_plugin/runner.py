@@ -201,7 +201,7 @@ class Runner:
         seg = write_segmentation(result, volume, rule=job.rule, read=job.version)
         sr = write_report(result, volume, seg, rule=job.rule, read=job.version, predecessor=self._predecessor(job))
         outputs: dict[str, Any] = {"sr": sr.SOPInstanceUID, "seg": seg.SOPInstanceUID if seg is not None else None,
-                                   "findings": sum(len(t.findings) for t in result.topics)}
+                                   "findings": sum(len(t.findings) for t in result.topics), "report": result.as_text()}
         timed("write_s", started)
         self.store.update(job.id, self.owner, outputs=outputs)
 

@@ -389,3 +389,18 @@ def test_a_delivery_that_gives_up_fails_the_job_and_an_admin_can_retry_it(server
     [job] = orthanc.wait_jobs(study_uid)
     assert job["attempts"] == 1  # delivered again, not read again
     assert dicom.sop_instance_uids() == {job["outputs"]["sr"], job["outputs"]["seg"]}
+
+
+def test_demo_engine_reads_a_study_in_orthanc(tmp_path: Path) -> None:
+    """`readout demo --exit`: the real flow with the shipped demo engine (what `make demo` runs)."""
+    from tests.orthanc_server import free_port
+
+    readout = Path(__file__).resolve().parents[1] / ".venv" / "bin" / "readout"
+    command = [str(readout) if readout.exists() else "readout", "demo", "--exit", "--storage", str(tmp_path / "demo"),
+               "--http-port", str(free_port()), "--dicom-port", str(free_port())]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    for topic in ("LUNGS", "PLEURA", "HEART", "LIVER", "BONES", "QUESTIONS"):
+        assert f"\n{topic}\n" in result.stdout
+    assert "SR  series 9901" in result.stdout and "Timings: queued" in result.stdout
+    assert "StableAge is 3 s" in result.stdout
