@@ -212,9 +212,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_runner(args: argparse.Namespace) -> int:
-    from orthanc_plugin import runner
+    from orthanc_plugin.runner import run_runner
 
-    return runner.main(args.runner_args)
+    run_runner(args.orthanc, Path(args.settings) if args.settings else None,
+               Path(args.database) if args.database else None, args.user, args.parent_pid)
+    return EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -279,9 +281,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--exit", action="store_true", help="stop Orthanc after the read instead of waiting for Ctrl-C")
     demo.set_defaults(run=cmd_demo)
 
-    runner = commands.add_parser("runner", help="run Readout's jobs against an Orthanc server (see `readout runner --help`)",
-                                 add_help=False)
-    runner.add_argument("runner_args", nargs=argparse.REMAINDER)
+    runner = commands.add_parser("runner", help="run Readout's jobs against an Orthanc server (Orthanc's plugin starts one)")
+    runner.add_argument("--orthanc", default="http://127.0.0.1:8042", help="Orthanc's URL")
+    runner.add_argument("--settings", help="Readout settings (default: config/readout.json)")
+    runner.add_argument("--database", help="the job store (default: the settings' database)")
+    runner.add_argument("--user", help="Orthanc user; the password comes from READOUT_ORTHANC_PASSWORD")
+    runner.add_argument("--parent-pid", type=int, help="stop when this process (Orthanc) is gone")
     runner.set_defaults(run=cmd_runner)
 
     phantom = commands.add_parser("phantom", help="write a synthetic CT study and its truth.json")

@@ -134,7 +134,7 @@ def register() -> None:
         if change_type == orthanc.ChangeType.ORTHANC_STARTED:
             port = json.loads(orthanc.GetConfiguration()).get("HttpPort", 8042)
             environment = dict(os.environ, READOUT_ORTHANC_TOKEN=orthanc.GenerateRestApiAuthorizationToken())
-            command = [config["Python"], "-m", "orthanc_plugin.runner", "--orthanc", f"http://127.0.0.1:{port}",
+            command = [config["Python"], "-m", "orthanc_plugin.cli", "runner", "--orthanc", f"http://127.0.0.1:{port}",
                        "--settings", config["Settings"], "--database", str(store.path), "--parent-pid", str(os.getpid())]
             state["stopping"] = threading.Event()
             state["supervisor"] = Supervisor(command, environment)

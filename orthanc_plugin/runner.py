@@ -9,10 +9,10 @@ bad input fails the job at once with the reason; the study itself is never touch
 
 from __future__ import annotations
 
-import argparse
 import io
 import logging
 import os
+import signal
 import socket
 import sys
 import tempfile
@@ -234,22 +234,18 @@ def _encode(dataset: pydicom.Dataset) -> bytes:
     return buffer.getvalue()
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="readout runner", description="Run Readout's jobs against an Orthanc server.")
-    parser.add_argument("--orthanc", default="http://127.0.0.1:8042", help="Orthanc's URL")
-    parser.add_argument("--settings", default=None, help="Readout settings (default: config/readout.json)")
-    parser.add_argument("--database", help="job store (default: the settings' database)")
-    parser.add_argument("--user", help="Orthanc user (the password comes from READOUT_ORTHANC_PASSWORD)")
-    parser.add_argument("--parent-pid", type=int, help="stop when this process (Orthanc) is gone")
-    args = parser.parse_args(argv)
+def run_runner(orthanc_url: str, settings_path: Path | None, database: Path | None, user: str | None,
+               parent_pid: int | None) -> None:
+    """Run jobs for the Orthanc at ``orthanc_url`` until stopped (the `readout runner` command).
+
+    Credentials come from the environment: READOUT_ORTHANC_TOKEN (what the plugin passes its
+    runner) or, with ``user``, READOUT_ORTHANC_PASSWORD.
+    """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
-    settings = load_settings(args.settings) if args.settings else load_settings()
-    auth = (args.user, os.environ.get("READOUT_ORTHANC_PASSWORD", "")) if args.user else None
-    client = OrthancClient(args.orthanc, token=os.environ.get("READOUT_ORTHANC_TOKEN"), auth=auth)
-    store = JobStore(args.database or settings.database)
-    Runner(client, store, settings, parent_pid=args.parent_pid).run_forever()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    settings = load_settings(settings_path) if settings_path else load_settings()
+    auth = (user, os.environ.get("READOUT_ORTHANC_PASSWORD", "")) if user else None
+    client = OrthancClient(orthanc_url, token=os.environ.get("READOUT_ORTHANC_TOKEN"), auth=auth)
+    store = JobStore(database or settings.database)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    Runner(client, store, settings, parent_pid=parent_pid).run_forever(stop)

@@ -97,7 +97,7 @@ class ReadoutServer:
     def runner_pid(self) -> int | None:
         """The pid of the runner Orthanc supervises, or None between two runners."""
         assert self.process is not None
-        out = subprocess.run(["pgrep", "-P", str(self.process.pid), "-f", "orthanc_plugin.runner"],
+        out = subprocess.run(["pgrep", "-P", str(self.process.pid), "-f", "orthanc_plugin.cli runner"],
                              capture_output=True, text=True).stdout.split()
         assert len(out) <= 1, f"expected one runner under Orthanc, found {out}"
         return int(out[0]) if out else None
@@ -197,7 +197,7 @@ class PlainOrthanc:
         config.write_text(json.dumps({
             "Name": self.aet, "StorageDirectory": str(self.folder / "db"), "IndexDirectory": str(self.folder / "db"),
             "HttpPort": self.http_port, "DicomPort": self.dicom_port, "DicomAet": self.aet,
-            "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
+            "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "StableAge": 2,
             "Plugins": ["/usr/share/orthanc/plugins/libOrthancDicomWeb.so"], "DicomWeb": {"Enable": True},
         }))
         self.process = start_orthanc(config, self.folder / "orthanc.log")

@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -21,7 +22,8 @@ import pytest
 import requests
 
 from dicom_sr.conformance import dciodvfy_errors, dsrdump_errors
-from tests.orthanc_server import PlainOrthanc, ReadoutServer, small_study
+from orthanc_plugin.jobs import JobStore
+from tests.orthanc_server import REPO, STORESCU, TEST_SETTINGS, PlainOrthanc, ReadoutServer, small_study
 from tests.sr_reading import read_groups
 
 pytestmark = pytest.mark.slow
@@ -278,6 +280,9 @@ def test_admin_api_answers(server, tmp_path: Path) -> None:
     orthanc.wait_jobs(study_uid, count=2)
     assert orthanc.get("/readout/engines")[0]["name"] == "demo"
     assert orthanc.get("/readout/health")["status"] == "ok"
+    metrics = lambda: orthanc.request("GET", "/tools/metrics-prometheus").text  # noqa: E731
+    orthanc.wait(lambda: "readout_jobs_done 2 " in metrics(), "job counts in Orthanc's metrics", 20)
+    assert "readout_jobs_failed 0 " in metrics() and "readout_job_seconds_mean_last50" in metrics()
 
     errors = {
         ("GET", "/readout/jobs/999999"): 404, ("POST", "/readout/jobs/999999/retry"): 404,
@@ -404,3 +409,32 @@ def test_demo_engine_reads_a_study_in_orthanc(tmp_path: Path) -> None:
         assert f"\n{topic}\n" in result.stdout
     assert "SR  series 9901" in result.stdout and "Timings: queued" in result.stdout
     assert "StableAge is 3 s" in result.stdout
+
+
+def test_a_runner_started_on_its_own_reads_for_a_remote_orthanc(pacs, tmp_path: Path) -> None:
+    """`readout runner --orthanc URL`: no plugin in that Orthanc; the change log drives the runner."""
+    remote = pacs("remote").start()
+    settings = json.loads(json.dumps(TEST_SETTINGS))
+    settings["rules"] = str(Path(__file__).parents[1] / "config" / "rules.json")
+    (tmp_path / "readout.json").write_text(json.dumps(settings))
+    log = (tmp_path / "runner.log").open("w")
+    runner = subprocess.Popen([sys.executable, "-m", "orthanc_plugin.cli", "runner", "--orthanc", remote.url,
+                               "--settings", str(tmp_path / "readout.json"), "--database", str(tmp_path / "jobs.db")],
+                              stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    try:
+        store = JobStore(tmp_path / "jobs.db")
+        deadline = time.monotonic() + 60
+        while store.get_setting("changes_cursor") is None and time.monotonic() < deadline:
+            time.sleep(0.2)  # the runner starts from the newest change
+        study_uid, _ = small_study(tmp_path / "study", seed=40)
+        result = subprocess.run([STORESCU, "-aec", remote.aet, "+sd", "127.0.0.1", str(remote.dicom_port),
+                                 str(tmp_path / "study")], capture_output=True, timeout=120)
+        assert result.returncode == 0
+        while time.monotonic() < deadline + 60 and not [j for j in store.list(study=study_uid) if j.state == "done"]:
+            time.sleep(0.3)
+        [job] = store.list(study=study_uid)
+        assert job.state == "done", (job.state, job.error, (tmp_path / "runner.log").read_text()[-2000:])
+        assert job.outputs["sr"] in remote.sop_instance_uids()
+    finally:
+        runner.terminate()
+        runner.wait(timeout=30)
