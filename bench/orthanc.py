@@ -506,6 +506,17 @@ def machine() -> str:
             f"Python {platform.python_version()}")
 
 
+def code_version() -> str:
+    """The commit measured, and whether the code under test had uncommitted changes."""
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True, check=False)
+        return done.stdout.strip()
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown commit"
+    dirty = git("status", "--porcelain", "--", "orthanc_plugin", "engines", "dicom_sr", "config")
+    return f"code {commit}" + (" with uncommitted changes" if dirty else "")
+
+
 def load_average() -> str:
     return "/".join(f"{v:.2f}" for v in os.getloadavg())
 
@@ -532,7 +543,7 @@ def main() -> None:
     if not os.access(STORESCU, os.X_OK):
         sys.exit(f"{STORESCU} not found: install dcmtk")
 
-    began, load_before = time.time(), load_average()
+    began, load_before, code = time.time(), load_average(), code_version()
     with tempfile.TemporaryDirectory(prefix="readout-bench-orthanc-") as name:
         tmp = Path(name)
         settings_path = write_settings(tmp)
@@ -567,7 +578,7 @@ def main() -> None:
                if set(counts) == {1} else f"**Jobs per study: {counts}** (expected one each).")
     text = f"""{SECTION}
 
-{when}; {machine()}; Orthanc {version} (Python + DICOMweb plugins), dcmtk storescu; `{command}`;
+{when}; {machine()}; Orthanc {version} (Python + DICOMweb plugins), dcmtk storescu; {code}; `{command}`;
 {time.time() - began:.0f} s in all; load average (1/5/15 min) {load_before} at the start, {load_average()} at the end.
 StableAge {STABLE_AGE_S} s; runner poll {RUNNER['poll_s']} s, heartbeat {RUNNER['heartbeat_s']} s; demo engine as shipped
 (5 topics, 2 questions, 5 rollouts). The machine is shared with other work, so absolute seconds are noisy; the ingest
