@@ -26,9 +26,11 @@ PENDING = "studies_not_yet_stable"  # Orthanc ids of studies seen arriving, not 
 def enqueue_read(store: JobStore, study: StoredStudy, rule: Rule) -> Job:
     """A job reading ``study`` by ``rule``; when no series fits, a failed job that says why."""
     choice = select_series(rule, study.info)
-    common: dict[str, Any] = dict(study_id=study.info.orthanc_id, study_instance_uid=study.study_instance_uid,
-                                  rule=rule.name, engine=rule.engine, request=rule.to_json(),
-                                  fingerprint=study.fingerprint, priority=rule.priority, destinations=rule.destinations)
+    common: dict[str, Any] = {
+        "study_id": study.info.orthanc_id, "study_instance_uid": study.study_instance_uid, "rule": rule.name,
+        "engine": rule.engine, "request": rule.to_json(), "fingerprint": study.fingerprint,
+        "priority": rule.priority, "destinations": rule.destinations,
+    }
     if choice.series is None:
         return store.enqueue(**common, series={"reasons": choice.reasons}, state="failed", error=choice.summary())
     tags = choice.series.tags

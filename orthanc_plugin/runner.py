@@ -35,10 +35,11 @@ from orthanc_plugin.destinations import deliver
 from orthanc_plugin.intake import Intake
 from orthanc_plugin.jobs import Job, JobStore
 from orthanc_plugin.orthanc_client import OrthancClient, OrthancError
+from orthanc_plugin.rules import select_series
 from orthanc_plugin.settings import Settings, load_settings
+from orthanc_plugin.studies import read_study
 
 log = logging.getLogger("readout.runner")
-BAD_INPUT = (VolumeError, EngineError, FindingsError, CheckpointError)
 CATCH_UP_EVERY_S = 10.0  # how often studies seen arriving but never called stable are looked at
 SEEN_EVERY_S = 5.0  # how often the runner notes in the store that it is alive (GET /readout/health)
 REQUEST_OPTIONS = ("rollouts", "temperature", "pruning", "reground", "entropy_threshold")
@@ -46,6 +47,13 @@ REQUEST_OPTIONS = ("rollouts", "temperature", "pruning", "reground", "entropy_th
 
 class Cancelled(Exception):
     """The job was cancelled or taken over while this runner worked on it."""
+
+
+class NoSeriesFits(ValueError):
+    """No series of the study fits the job's rule."""
+
+
+BAD_INPUT = (VolumeError, EngineError, FindingsError, CheckpointError, NoSeriesFits)
 
 
 def load_engine(name: str, options: dict[str, Any]):
@@ -174,10 +182,11 @@ class Runner:
         if options is None:
             raise EngineError(f"engine {job.engine!r} is not configured on this runner "
                               f"(configured: {', '.join(self.settings.engines) or 'none'})")
+        series_id = (job.series or {}).get("id") or self._select_again(job)
         with tempfile.TemporaryDirectory(prefix="readout-") as folder:
             self._step(job, lost, "fetching", 5)
             started = time.monotonic()
-            self.client.download_series(job.series["id"], Path(folder))
+            self.client.download_series(series_id, Path(folder))
             timed("fetch_s", started)
 
             self._step(job, lost, "loading", 20)
@@ -217,12 +226,19 @@ class Runner:
         finished = self.store.finish_storing(job.id, self.owner)
         log.info("job %d: stored (%d findings), %s", job.id, outputs["findings"], finished.state)
 
+    def _select_again(self, job: Job) -> str:
+        """Choose the series of a job that had none (an admin retried it, maybe after fixing the rules)."""
+        study = read_study(self.client.get_json, job.study_id)
+        choice = select_series(self.rules.validate({"rules": [job.request]}).rules[0], study.info)
+        if choice.series is None:
+            raise NoSeriesFits(choice.summary())
+        self.store.update(job.id, self.owner, series={"id": choice.series.orthanc_id, "reasons": choice.reasons})
+        return choice.series.orthanc_id
+
     def _predecessor(self, job: Job) -> pydicom.Dataset | None:
-        """The SR of the previous read of this study by this rule, when it was stored."""
-        if job.version == 1:
-            return None
-        for earlier in self.store.list(study=job.study_id, limit=1000):
-            if earlier.rule == job.rule and earlier.version == job.version - 1 and earlier.outputs.get("sr_orthanc_id"):
+        """The SR of the newest earlier read of this study by this rule that stored one."""
+        for earlier in self.store.list(study=job.study_id, limit=1000):  # newest first
+            if earlier.rule == job.rule and earlier.version < job.version and earlier.outputs.get("sr_orthanc_id"):
                 data = self.client.instance_file(earlier.outputs["sr_orthanc_id"])
                 return pydicom.dcmread(io.BytesIO(data))
         return None

@@ -23,7 +23,14 @@ import requests
 
 from dicom_sr.conformance import dciodvfy_errors, dsrdump_errors
 from orthanc_plugin.jobs import JobStore
-from tests.orthanc_server import REPO, STORESCU, TEST_SETTINGS, PlainOrthanc, ReadoutServer, small_study
+from tests.orthanc_server import (
+    REPO,
+    STORESCU,
+    TEST_SETTINGS,
+    PlainOrthanc,
+    ReadoutServer,
+    small_study,
+)
 from tests.sr_reading import read_groups
 
 pytestmark = pytest.mark.slow
@@ -222,7 +229,7 @@ def test_orthanc_killed_mid_job_finishes_after_restart_and_reads_what_arrived_me
     orthanc.kill()
     # The orphaned runner notices Orthanc is gone and stops by itself.
     subprocess.run(["timeout", "30", "tail", f"--pid={runner}", "-f", "/dev/null"], check=False)
-    assert subprocess.run(["kill", "-0", str(runner)], capture_output=True).returncode != 0
+    assert subprocess.run(["kill", "-0", str(runner)], capture_output=True, check=False).returncode != 0
 
     orthanc.start()
     # A study sent now, and one that arrived before the crash, are both read.
@@ -280,7 +287,9 @@ def test_admin_api_answers(server, tmp_path: Path) -> None:
     orthanc.wait_jobs(study_uid, count=2)
     assert orthanc.get("/readout/engines")[0]["name"] == "demo"
     assert orthanc.get("/readout/health")["status"] == "ok"
-    metrics = lambda: orthanc.request("GET", "/tools/metrics-prometheus").text  # noqa: E731
+    def metrics() -> str:
+        return orthanc.request("GET", "/tools/metrics-prometheus").text
+
     orthanc.wait(lambda: "readout_jobs_done 2 " in metrics(), "job counts in Orthanc's metrics", 20)
     assert "readout_jobs_failed 0 " in metrics() and "readout_job_seconds_mean_last50" in metrics()
 
@@ -403,7 +412,7 @@ def test_demo_engine_reads_a_study_in_orthanc(tmp_path: Path) -> None:
     readout = Path(__file__).resolve().parents[1] / ".venv" / "bin" / "readout"
     command = [str(readout) if readout.exists() else "readout", "demo", "--exit", "--storage", str(tmp_path / "demo"),
                "--http-port", str(free_port()), "--dicom-port", str(free_port())]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     for topic in ("LUNGS", "PLEURA", "HEART", "LIVER", "BONES", "QUESTIONS"):
         assert f"\n{topic}\n" in result.stdout
@@ -428,7 +437,7 @@ def test_a_runner_started_on_its_own_reads_for_a_remote_orthanc(pacs, tmp_path: 
             time.sleep(0.2)  # the runner starts from the newest change
         study_uid, _ = small_study(tmp_path / "study", seed=40)
         result = subprocess.run([STORESCU, "-aec", remote.aet, "+sd", "127.0.0.1", str(remote.dicom_port),
-                                 str(tmp_path / "study")], capture_output=True, timeout=120)
+                                 str(tmp_path / "study")], capture_output=True, timeout=120, check=False)
         assert result.returncode == 0
         while time.monotonic() < deadline + 60 and not [j for j in store.list(study=study_uid) if j.state == "done"]:
             time.sleep(0.3)
