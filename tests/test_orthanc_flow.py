@@ -188,17 +188,25 @@ def test_bad_input_fails_with_a_reason_and_other_studies_are_read(server, tmp_pa
     small_uid, _ = small_study(tmp_path / "two", seed=17)
     for path in sorted((tmp_path / "two").iterdir())[2:]:
         path.unlink()
+    # A study with one corrupt file: its pixel data cut short.
+    corrupt_uid, _ = small_study(tmp_path / "corrupt", seed=26)
+    victim = sorted((tmp_path / "corrupt").iterdir())[40]
+    ds = pydicom.dcmread(victim)
+    ds.PixelData = ds.PixelData[: len(ds.PixelData) // 3]
+    ds.save_as(victim, enforce_file_format=True)
     good_uid, _ = small_study(tmp_path / "good", seed=18)
-    for name in ("broken", "two", "good"):
+    for name in ("broken", "two", "corrupt", "good"):
         orthanc.send(tmp_path / name)
 
     [broken] = orthanc.wait_jobs(broken_uid, states=("failed",))
     assert "gap" in broken["error"] or "missing" in broken["error"], broken["error"]
     [small] = orthanc.wait_jobs(small_uid, states=("failed",))
     assert "no series fits rule chest-ct" in small["error"] and "fewer than 20" in small["error"]
+    [corrupt] = orthanc.wait_jobs(corrupt_uid, states=("failed",))
+    assert "pixel" in corrupt["error"].lower() and "internal error" not in corrupt["error"], corrupt["error"]
     orthanc.wait_jobs(good_uid)
     assert orthanc.get("/system")["DicomAet"] == "ORTHANC"  # Orthanc is fine
-    assert len(orthanc.get("/studies")) == 3  # nothing was deleted
+    assert len(orthanc.get("/studies")) == 4  # nothing was deleted
     assert "SR" not in orthanc.series_by_modality(broken_uid)
 
 
