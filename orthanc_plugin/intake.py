@@ -20,6 +20,7 @@ from orthanc_plugin.studies import GetJson, StoredStudy, read_study
 
 log = logging.getLogger("readout.intake")
 CURSOR = "changes_cursor"
+PAGE = 100  # changes read per poll
 PENDING = "studies_not_yet_stable"  # Orthanc ids of studies seen arriving, not yet stable
 
 
@@ -64,7 +65,7 @@ class Intake:
         return jobs
 
     def poll(self) -> int:
-        """Handle the changes since the cursor; returns how many were handled.
+        """Handle the changes since the cursor; returns how many were read (``PAGE`` = more wait).
 
         The first poll on a new job store starts from the newest change: installing Readout on
         a full PACS must not read its whole history.
@@ -73,19 +74,21 @@ class Intake:
         if cursor is None:
             self.store.set_setting(CURSOR, self.get_json("/changes?last")["Last"])
             return 0
-        answer = self.get_json(f"/changes?since={cursor}&limit=100")
-        pending = set(self.store.get_setting(PENDING, []))
+        answer = self.get_json(f"/changes?since={cursor}&limit={PAGE}")
+        before = set(self.store.get_setting(PENDING, []))
+        pending = set(before)
         for change in answer["Changes"]:
             if change["ChangeType"] == "NewSeries":
                 pending.add(self._parent_study(change["ID"]))
             elif change["ChangeType"] == "StableStudy":
                 self._stable(change["ID"])
                 pending.discard(change["ID"])
-        if answer["Changes"]:
-            self.store.set_setting(PENDING, sorted(pending - {None}))
-            self.store.set_setting(CURSOR, answer["Changes"][-1]["Seq"])
-        elif answer["Last"] > cursor:
-            self.store.set_setting(CURSOR, answer["Last"])
+        pending.discard(None)
+        if pending != before:
+            self.store.set_setting(PENDING, sorted(pending))
+        last = answer["Changes"][-1]["Seq"] if answer["Changes"] else answer["Last"]
+        if last > cursor:
+            self.store.set_setting(CURSOR, last)
         return len(answer["Changes"])
 
     def catch_up(self) -> int:

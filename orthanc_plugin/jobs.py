@@ -210,11 +210,13 @@ class JobStore:
         runner died). Higher priority first, then oldest.
         """
         now = time.time()
+        runnable = ("SELECT id FROM jobs WHERE state = 'queued' OR (state = 'retrying' AND next_attempt_at <= ?)"
+                    " OR (state IN ('running', 'storing') AND lease_expires_at < ?) ORDER BY priority DESC, id LIMIT 1")
+        with self._connect() as db:  # a plain read first: no write lock while the queue is empty
+            if db.execute(runnable, (now, now)).fetchone() is None:
+                return None
         with self._write() as db:
-            row = db.execute(
-                "SELECT id FROM jobs WHERE state = 'queued' OR (state = 'retrying' AND next_attempt_at <= ?)"
-                " OR (state IN ('running', 'storing') AND lease_expires_at < ?)"
-                " ORDER BY priority DESC, id LIMIT 1", (now, now)).fetchone()
+            row = db.execute(runnable, (now, now)).fetchone()
             if row is None:
                 return None
             db.execute("UPDATE jobs SET state = 'running', step = 'claimed', attempts = attempts + 1, lease_owner = ?,"

@@ -36,10 +36,16 @@ class OrthancClient:
         self.timeout_s = timeout_s
 
     def _request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
-        try:
-            response = self.session.request(method, self.url + path, timeout=kwargs.pop("timeout", self.timeout_s), **kwargs)
-        except requests.RequestException as error:
-            raise OrthancError(f"Orthanc at {self.url} unreachable: {type(error).__name__}") from None
+        timeout = kwargs.pop("timeout", self.timeout_s)
+        # A GET is safe to repeat: Orthanc now and then closes a kept-alive connection unanswered.
+        attempts = 2 if method == "GET" else 1
+        for attempt in range(1, attempts + 1):
+            try:
+                response = self.session.request(method, self.url + path, timeout=timeout, **kwargs)
+                break
+            except requests.RequestException as error:
+                if attempt == attempts or not isinstance(error, requests.ConnectionError):
+                    raise OrthancError(f"Orthanc at {self.url} unreachable: {type(error).__name__}") from None
         if response.status_code >= 400:
             detail = response.text[:300].replace("\n", " ")
             raise OrthancError(f"Orthanc {method} {path}: HTTP {response.status_code} {detail}", response.status_code)

@@ -32,7 +32,7 @@ from engines.series import load_study_volume
 from engines.volume import VolumeError
 from orthanc_plugin.active_rules import ActiveRules
 from orthanc_plugin.destinations import deliver
-from orthanc_plugin.intake import Intake
+from orthanc_plugin.intake import PAGE, Intake
 from orthanc_plugin.jobs import Job, JobStore
 from orthanc_plugin.orthanc_client import OrthancClient, OrthancError
 from orthanc_plugin.rules import select_series
@@ -111,7 +111,9 @@ class Runner:
 
     def run_once(self) -> bool:
         """One round: intake, then one job, then due deliveries. True when there was work."""
-        busy = self.intake.poll() > 0
+        # A full page of changes means more are waiting; fewer means intake has caught up, and
+        # the loop may rest: polling flat out while Orthanc ingests would slow the ingest down.
+        busy = self.intake.poll() == PAGE
         if time.time() - self._caught_up > CATCH_UP_EVERY_S:
             self._caught_up = time.time()
             busy = self.intake.catch_up() > 0 or busy
@@ -169,10 +171,10 @@ class Runner:
         log.info("job %d: %s", job.id, step)
 
     def _steps(self, job: Job, lost: threading.Event) -> None:
+        timings: dict[str, float] = {"queued_s": round(time.time() - job.created_at, 3)} if job.attempts == 1 else {}
         # torch: only in the runner, only when reading
         from engines.report import ReadRequest
 
-        timings: dict[str, float] = {"queued_s": round(time.time() - job.created_at, 3)} if job.attempts == 1 else {}
 
         def timed(name: str, started: float) -> None:
             timings[name] = round(time.monotonic() - started, 3)
