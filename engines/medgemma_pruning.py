@@ -1,0 +1,464 @@
+"""Shared-prefix decoding for Gemma 3, with Photon-style training-free pruning of image tokens.
+
+`engines.medgemma` reads a study as one long image prefix (up to 85 slices x 256 tokens)
+followed by one short prompt per topic or question. This module runs Gemma 3's decoder layers
+itself so that:
+
+- the image prefix is prefilled once and its keys/values are reused by every prompt and
+  rollout (rows of one batch); each prompt pays only for its own tokens;
+- attention masks come from each slot's *position*, *validity* and *image block*, not from
+  its index, so padding, pruned slots and rows of different lengths stay exact: causal by
+  position, bidirectional inside one image (Gemma 3's ``token_type_ids`` rule), sliding
+  window by position on sliding layers;
+- optionally, at about a quarter of the depth, the image tokens are scored by the prompt's
+  attention (Photon's centrality-weighted saliency, KNOWLEDGE.md section 5) and the ones a
+  rule does not keep are removed from the hidden states and from the keys/values of the
+  layers already run; the kept ones keep their original positions and image blocks.
+
+Only the decoder layer modules of ``transformers`` are called (their projections, norms and
+attention kernels); the loop, cache and masks are here so they can be read top to bottom.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+KEEP_RULES = ("off", "threshold", "top_p", "ratio")
+
+
+@dataclass(frozen=True)
+class PruningConfig:
+    """Which image tokens survive the pruning layer.
+
+    Attributes
+    ----------
+    keep:
+        ``off`` (keep all), ``threshold`` (keep tokens whose min-max normalized saliency
+        rho exceeds ``keep_value``), ``top_p`` (keep the most salient tokens until their
+        share of the total rho reaches ``keep_value``) or ``ratio`` (keep the
+        ``keep_value`` share of image tokens with the highest saliency).
+    keep_value:
+        The rule's parameter: threshold in ``[0, 1)``, top-p or ratio in ``(0, 1]``.
+    min_keep:
+        Floor: at least this share of each prompt's image tokens (and at least one) is kept.
+    layer:
+        Decoder layer whose attention scores the tokens and from which they are removed;
+        ``None`` means ``num_hidden_layers // 4``.
+    """
+
+    keep: str = "off"
+    keep_value: float = 0.5
+    min_keep: float = 0.05
+    layer: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.keep not in KEEP_RULES:
+            raise ValueError(f"pruning keep must be one of {', '.join(KEEP_RULES)}, got {self.keep!r}")
+        if self.keep == "threshold" and not 0.0 <= self.keep_value < 1.0:
+            raise ValueError(f"pruning keep_value for 'threshold' must be in [0, 1), got {self.keep_value}")
+        if self.keep in ("top_p", "ratio") and not 0.0 < self.keep_value <= 1.0:
+            raise ValueError(f"pruning keep_value for {self.keep!r} must be in (0, 1], got {self.keep_value}")
+        if not 0.0 <= self.min_keep <= 1.0:
+            raise ValueError(f"pruning min_keep must be a share in [0, 1], got {self.min_keep}")
+        if self.layer is not None and self.layer < 0:
+            raise ValueError(f"pruning layer must be >= 0, got {self.layer}")
+
+    @property
+    def active(self) -> bool:
+        return self.keep != "off"
+
+    def layer_for(self, num_layers: int) -> int:
+        """The pruning layer of a decoder with ``num_layers`` layers."""
+        layer = num_layers // 4 if self.layer is None else self.layer
+        if layer >= num_layers:
+            raise ValueError(f"pruning layer {layer} does not exist: the decoder has {num_layers} layers")
+        return layer
+
+
+# --- Photon's saliency and the keep rules --------------------------------------------------
+
+
+def saliency(q_prompt: torch.Tensor, k_prompt: torch.Tensor, k_image: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Photon's instruction-conditioned saliency u_j of each image token, for one sequence.
+
+    Per head, prompt token t gets centrality c_t = sum over other prompt tokens t' of
+    max(q_t . k_t' * scaling, 0) and weight w_t = c_t / max(sum c, 1); then
+    u_j = mean over heads of sum_t w_t * q_t . k_j * scaling.
+
+    Parameters
+    ----------
+    q_prompt, k_prompt:
+        Post-RoPE queries and keys of the prompt tokens, ``[heads, T, d]`` (keys already
+        repeated to the query heads).
+    k_image:
+        Post-RoPE keys of the image tokens, ``[heads, N, d]``.
+
+    Returns
+    -------
+    torch.Tensor
+        ``[N]`` float32.
+    """
+    q, kq, ki = q_prompt.float(), k_prompt.float(), k_image.float()
+    scores = q @ kq.transpose(-1, -2) * scaling  # [H, T, T]
+    eye = torch.eye(scores.shape[-1], dtype=torch.bool, device=scores.device)
+    centrality = scores.clamp(min=0).masked_fill(eye, 0).sum(-1)  # [H, T]
+    weights = centrality / centrality.sum(-1, keepdim=True).clamp(min=1.0)
+    return (weights.unsqueeze(-1) * (q @ ki.transpose(-1, -2) * scaling)).sum(1).mean(0)
+
+
+def normalized(u: torch.Tensor) -> torch.Tensor:
+    """Min-max normalization to ``[0, 1]`` (rho); all ones when every value is equal."""
+    span = u.max() - u.min()
+    if span <= 0:
+        return torch.ones_like(u)
+    return (u - u.min()) / span
+
+
+def keep_tokens(u: torch.Tensor, config: PruningConfig) -> torch.Tensor:
+    """Boolean mask over image tokens: which ones ``config`` keeps given saliency ``u``."""
+    n = u.numel()
+    if not config.active or n == 0:
+        return torch.ones(n, dtype=torch.bool, device=u.device)
+    rho = normalized(u)
+    order = torch.argsort(rho, descending=True, stable=True)
+    if config.keep == "threshold":
+        keep = rho > config.keep_value
+    elif config.keep == "top_p":
+        mass = torch.cumsum(rho[order], 0) / rho.sum()
+        # The smallest prefix whose mass reaches p (a tiny slack absorbs float rounding).
+        count = int(torch.searchsorted(mass, torch.tensor(config.keep_value - 1e-6, device=u.device))) + 1
+        keep = torch.zeros(n, dtype=torch.bool, device=u.device)
+        keep[order[: min(count, n)]] = True
+    else:  # ratio
+        keep = torch.zeros(n, dtype=torch.bool, device=u.device)
+        keep[order[: max(1, math.ceil(config.keep_value * n - 1e-9))]] = True
+    floor = max(1, math.ceil(config.min_keep * n - 1e-9))
+    if int(keep.sum()) < floor:
+        keep[order[:floor]] = True
+    return keep
+
+
+# --- Cache with per-slot metadata ---------------------------------------------------------
+
+
+class TokenCache:
+    """Keys and values of every decoder layer for a batch of rows, plus per-slot metadata.
+
+    Each slot (a column of the cache) has a position (its RoPE position, which is what the
+    masks compare), a validity flag (padding and pruned-away slots are invalid and never
+    attended to) and an image block id (``-1`` for text; slots of one image share an id
+    and attend to each other both ways). Gemma 3's attention modules call `update`.
+    """
+
+    def __init__(self, num_layers: int) -> None:
+        self.keys: list[torch.Tensor | None] = [None] * num_layers
+        self.values: list[torch.Tensor | None] = [None] * num_layers
+        self.pos: torch.Tensor | None = None
+        self.valid: torch.Tensor | None = None
+        self.block: torch.Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        return 0 if self.pos is None else int(self.pos.shape[1])
+
+    @property
+    def rows(self) -> int:
+        return 0 if self.pos is None else int(self.pos.shape[0])
+
+    def add_slots(self, pos: torch.Tensor, valid: torch.Tensor, block: torch.Tensor) -> None:
+        """Announce the slots the next forward appends (call before running the layers)."""
+        if self.pos is None:
+            self.pos, self.valid, self.block = pos, valid, block
+        else:
+            self.pos = torch.cat([self.pos, pos], 1)
+            self.valid = torch.cat([self.valid, valid], 1)
+            self.block = torch.cat([self.block, block], 1)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """Append one layer's new keys/values (``[B, kv_heads, T, d]``) and return all of them."""
+        if self.keys[layer_idx] is None:
+            self.keys[layer_idx], self.values[layer_idx] = key_states, value_states
+        else:
+            self.keys[layer_idx] = torch.cat([self.keys[layer_idx], key_states], 2)
+            self.values[layer_idx] = torch.cat([self.values[layer_idx], value_states], 2)
+        return self.keys[layer_idx], self.values[layer_idx]
+
+    def select_rows(self, index: torch.Tensor) -> None:
+        """Rows become ``self[index]`` (a copy): one shared prefix row to one row per prompt."""
+        for store in (self.keys, self.values):
+            for i, t in enumerate(store):
+                if t is not None:
+                    store[i] = t.index_select(0, index)
+        self.pos, self.valid, self.block = (t.index_select(0, index) for t in (self.pos, self.valid, self.block))
+
+    def gather_slots(self, index: torch.Tensor, valid: torch.Tensor) -> None:
+        """Keep, per row, the slots ``index[b]`` (``[B, T']``); ``valid`` marks padding as invalid."""
+        for store in (self.keys, self.values):
+            for i, t in enumerate(store):
+                if t is not None:
+                    idx = index[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[3])
+                    store[i] = t.gather(2, idx)
+        self.pos = self.pos.gather(1, index)
+        self.block = self.block.gather(1, index)
+        self.valid = self.valid.gather(1, index) & valid
+
+
+# --- The decoder loop ----------------------------------------------------------------------
+
+
+class Gemma3Decoder:
+    """Runs a loaded ``Gemma3ForConditionalGeneration``'s parts over a `TokenCache`."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+        self.text_config = model.config.get_text_config()
+        self.lm = model.model.language_model
+        self.num_layers = len(self.lm.layers)
+        self.layer_types = list(self.text_config.layer_types)[: self.num_layers]
+        self.window = self.text_config.sliding_window
+        self.image_token_id = model.config.image_token_id
+        implementation = self.text_config._attn_implementation or "eager"
+        if implementation not in ("sdpa", "eager"):
+            raise ValueError(f"attention implementation {implementation!r} is not supported; load with 'sdpa' or 'eager'")
+        self.eager = implementation == "eager"
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm.embed_tokens.weight.dtype
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Soft tokens of each image, ``[images, mm_tokens_per_image, hidden]``."""
+        pixel_values = pixel_values.to(self.device, self.dtype)
+        return self.model.model.get_image_features(pixel_values, return_dict=True).pooler_output
+
+    def embed(self, ids: torch.Tensor, image_features: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings with the image soft tokens put in place of the image placeholders."""
+        is_image = ids == self.image_token_id
+        lookup = ids.masked_fill(is_image, 0) if self.image_token_id >= self.lm.vocab_size else ids
+        hidden = self.lm.embed_tokens(lookup)
+        if image_features is not None:
+            features = image_features.to(hidden.dtype).reshape(-1, hidden.shape[-1])
+            if int(is_image.sum()) != features.shape[0]:
+                raise ValueError(f"{int(is_image.sum())} image placeholders but {features.shape[0]} image soft tokens")
+            hidden = hidden.masked_scatter(is_image.unsqueeze(-1), features)
+        return hidden
+
+    def masks(self, q_pos: torch.Tensor, q_block: torch.Tensor, cache: TokenCache) -> dict[str, torch.Tensor]:
+        """Attention masks ``[B, 1, Q, KV]`` per layer type for queries against every cache slot."""
+        kv_pos, kv_block = cache.pos[:, None, :], cache.block[:, None, :]
+        qp, qb = q_pos[:, :, None], q_block[:, :, None]
+        same_image = (qb == kv_block) & (qb >= 0)
+        full = cache.valid[:, None, :] & ((kv_pos <= qp) | same_image)
+        sliding = full & (kv_pos > qp - self.window) if self.window else full
+        out = {}
+        for kind, mask in (("full_attention", full), ("sliding_attention", sliding)):
+            # A query with nothing to attend to (padding) would turn into NaN and poison the
+            # values it leaves in the cache; let it see every valid slot instead.
+            empty = ~mask.any(-1, keepdim=True)
+            mask = (mask | (empty & cache.valid[:, None, :])).unsqueeze(1)
+            if self.eager:
+                mask = torch.zeros(mask.shape, dtype=self.dtype, device=mask.device).masked_fill(
+                    ~mask, torch.finfo(self.dtype).min)
+            out[kind] = mask
+        return out
+
+    def run_layers(self, hidden: torch.Tensor, pos: torch.Tensor, block: torch.Tensor, cache: TokenCache,
+                   start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Run layers ``start .. stop-1`` on ``hidden`` (whose slots `cache` already knows)."""
+        stop = self.num_layers if stop is None else stop
+        masks = self.masks(pos, block, cache)
+        rope = {kind: self.lm.rotary_emb(hidden, pos, kind) for kind in set(self.layer_types[start:stop])}
+        for i in range(start, stop):
+            kind = self.layer_types[i]
+            hidden = self.lm.layers[i](hidden, position_embeddings=rope[kind], attention_mask=masks[kind],
+                                       position_ids=pos, cache=cache)
+        return hidden
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(self.lm.norm(hidden)).float()
+
+    def queries_keys(self, layer: int, hidden: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Post-RoPE queries ``[B, H, T, d]`` and keys (repeated to ``H`` heads) of ``layer``."""
+        block = self.lm.layers[layer]
+        attn = block.self_attn
+        x = block.input_layernorm(hidden)
+        shape = (*x.shape[:-1], -1, attn.head_dim)
+        q = attn.q_norm(attn.q_proj(x).view(shape).transpose(1, 2))
+        k = attn.k_norm(attn.k_proj(x).view(shape).transpose(1, 2))
+        cos, sin = self.lm.rotary_emb(x, pos, self.layer_types[layer])
+        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        return q, k.repeat_interleave(attn.num_key_value_groups, dim=1)
+
+    def scaling(self, layer: int) -> float:
+        return float(self.lm.layers[layer].self_attn.scaling)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE as Gemma 3 applies it (rotate-half), ``x`` ``[B, H, T, d]``, ``cos``/``sin`` ``[B, T, d]``."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], -1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+# --- One study: shared prefix, prompts (with pruning), batched decoding ----------------------
+
+
+def image_blocks(is_image: torch.Tensor) -> torch.Tensor:
+    """Block id per slot: consecutive image tokens share one id (0, 1, ...), text is ``-1``."""
+    previous = torch.nn.functional.pad(is_image, (1, 0), value=False)[..., :-1]
+    starts = is_image & ~previous
+    return torch.where(is_image, torch.cumsum(starts.long(), -1) - 1, -1)
+
+
+@dataclass
+class Prefix:
+    """The image prefix after its shared prefill (one row; consumed by `prefill_prompts`).
+
+    ``hidden`` is the prefix's hidden state at the input of layer ``stop`` when pruning
+    follows (the prompts need it to score and to run the remaining layers), else ``None``.
+    """
+
+    cache: TokenCache
+    length: int
+    is_image: torch.Tensor  # [length] bool
+    stop: int
+    hidden: torch.Tensor | None
+
+
+def prefill_prefix(decoder: Gemma3Decoder, ids: torch.Tensor, image_features: torch.Tensor,
+                   prune_layer: int | None = None) -> Prefix:
+    """Prefill ``ids`` (``[L]``, with image placeholders) once, up to ``prune_layer`` if given."""
+    ids = ids.to(decoder.device)[None]
+    length = ids.shape[1]
+    is_image = ids == decoder.image_token_id
+    pos = torch.arange(length, device=ids.device)[None]
+    block = image_blocks(is_image)
+    cache = TokenCache(decoder.num_layers)
+    cache.add_slots(pos, torch.ones_like(is_image), block)
+    stop = decoder.num_layers if prune_layer is None else prune_layer
+    hidden = decoder.run_layers(decoder.embed(ids, image_features), pos, block, cache, 0, stop)
+    return Prefix(cache, length, is_image[0], stop, hidden if prune_layer is not None else None)
+
+
+@dataclass
+class Prompted:
+    """Rows ready to decode: one per prompt, with the logits of each prompt's next token."""
+
+    cache: TokenCache
+    next_logits: torch.Tensor  # [P, vocab] float32
+    next_pos: torch.Tensor  # [P] position of the first generated token
+    kept_ratio: list[float] | None  # share of image tokens each prompt kept (pruning only)
+
+
+def prefill_prompts(decoder: Gemma3Decoder, prefix: Prefix, prompts: list[list[int]],
+                    pruning: PruningConfig | None = None) -> Prompted:
+    """Run every prompt's own tokens after the shared prefix, as one batch.
+
+    Without pruning the prompts attend to the prefix's cache of every layer. With pruning
+    they run up to the pruning layer on the shared cache; there each prompt scores the image
+    tokens, keeps some, and the kept prefix slots plus the prompt run the remaining layers
+    (per prompt, since each keeps its own set).
+    """
+    if not prompts or any(not p for p in prompts):
+        raise ValueError("every prompt needs at least one token after the shared prefix")
+    device = decoder.device
+    n, longest = len(prompts), max(map(len, prompts))
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    ids = torch.tensor([p + [0] * (longest - len(p)) for p in prompts], device=device)
+    valid = torch.arange(longest, device=device)[None] < lengths[:, None]
+    pos = (prefix.length + torch.arange(longest, device=device))[None].expand(n, -1)
+    block = torch.full_like(ids, -1)
+    cache = prefix.cache
+    cache.select_rows(torch.zeros(n, dtype=torch.long, device=device))
+    cache.add_slots(pos, valid, block)
+    hidden = decoder.run_layers(decoder.embed(ids), pos, block, cache, 0, prefix.stop)
+    offset, kept_ratio = 0, None
+    if prefix.hidden is not None:
+        hidden, offset, kept_ratio = _prune(decoder, prefix, hidden, pos, lengths, cache, pruning or PruningConfig())
+    last = hidden[torch.arange(n, device=device), offset + lengths - 1]
+    return Prompted(cache, decoder.logits(last), prefix.length + lengths, kept_ratio)
+
+
+def _prune(decoder: Gemma3Decoder, prefix: Prefix, hidden: torch.Tensor, pos: torch.Tensor, lengths: torch.Tensor,
+           cache: TokenCache, pruning: PruningConfig) -> tuple[torch.Tensor, int, list[float]]:
+    """Score, keep, drop; then run the layers from the pruning layer on. Returns the prompts'
+    final hidden states, where their own tokens start, and the kept share per prompt."""
+    layer, device = prefix.stop, decoder.device
+    image_slots = torch.nonzero(prefix.is_image).squeeze(1)
+    prefix_pos = cache.pos[:1, : prefix.length]
+    _, k_image = decoder.queries_keys(layer, prefix.hidden[:, image_slots], prefix_pos[:, image_slots])
+    q_prompt, k_prompt = decoder.queries_keys(layer, hidden, pos)
+    kept_slots, kept_ratio = [], []
+    for row, n_tokens in enumerate(lengths.tolist()):
+        u = saliency(q_prompt[row, :, :n_tokens], k_prompt[row, :, :n_tokens], k_image[0], decoder.scaling(layer))
+        keep = keep_tokens(u, pruning)
+        slots = ~prefix.is_image.clone()
+        slots[image_slots[keep]] = True
+        kept_slots.append(torch.nonzero(slots).squeeze(1))
+        kept_ratio.append(float(keep.float().mean()) if keep.numel() else 1.0)
+    longest = max(len(s) for s in kept_slots)
+    index = torch.zeros(len(kept_slots), longest, dtype=torch.long, device=device)
+    real = torch.zeros(len(kept_slots), longest, dtype=torch.bool, device=device)
+    for row, slots in enumerate(kept_slots):
+        index[row, : len(slots)], real[row, : len(slots)] = slots, True
+    own = prefix.length + torch.arange(hidden.shape[1], device=device)[None].expand(len(kept_slots), -1)
+    cache.gather_slots(torch.cat([index, own], 1), torch.cat([real, torch.ones_like(own, dtype=torch.bool)], 1))
+    kept_hidden = prefix.hidden[0][index]  # [P, longest, D]
+    combined = torch.cat([kept_hidden, hidden], 1)
+    out = decoder.run_layers(combined, cache.pos, cache.block, cache, layer, decoder.num_layers)
+    return out, longest, kept_ratio
+
+
+@dataclass
+class Generated:
+    """Per row (prompt-major: row = prompt * rollouts + rollout): tokens and their entropies."""
+
+    tokens: list[list[int]]
+    entropies: list[list[float]]  # nats, of the distribution each token was drawn from
+    steps: int
+
+
+def decode(decoder: Gemma3Decoder, prompted: Prompted, *, rollouts: int, max_new_tokens: int,
+           stop_ids: set[int], temperature: float = 0.0, seed: int = 0) -> Generated:
+    """Decode every prompt ``rollouts`` times as one batch: sampled at ``temperature`` when
+    ``rollouts > 1`` (and temperature > 0), greedy otherwise. Stops at a stop token or after
+    ``max_new_tokens``; the stop token itself is not returned."""
+    device = decoder.device
+    n = prompted.next_logits.shape[0]
+    rows = torch.arange(n, device=device).repeat_interleave(rollouts)
+    cache = prompted.cache
+    cache.select_rows(rows)
+    logits, pos = prompted.next_logits[rows], prompted.next_pos[rows]
+    sample = rollouts > 1 and temperature > 0
+    generator = torch.Generator(device=device).manual_seed(seed) if sample else None
+    stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
+    done = torch.zeros(len(rows), dtype=torch.bool, device=device)
+    drawn, spread = [], []  # per step, on the device: one sync per step (the `done` check)
+    for step in range(max_new_tokens):
+        probs = torch.softmax(logits / temperature if sample else logits, -1)
+        spread.append(-(probs * probs.clamp(min=1e-30).log()).sum(-1))
+        token = torch.multinomial(probs, 1, generator=generator).squeeze(1) if sample else probs.argmax(-1)
+        drawn.append(token)
+        done |= torch.isin(token, stop)
+        if bool(done.all()) or step == max_new_tokens - 1:
+            break
+        slot_pos, block = pos[:, None], torch.full((len(rows), 1), -1, device=device)
+        cache.add_slots(slot_pos, torch.ones_like(slot_pos, dtype=torch.bool), block)
+        hidden = decoder.run_layers(decoder.embed(token[:, None]), slot_pos, block, cache)
+        logits, pos = decoder.logits(hidden[:, -1]), pos + 1
+    all_tokens = torch.stack(drawn, 1).tolist()
+    all_entropies = torch.stack(spread, 1).tolist()
+    tokens, entropies = [], []
+    for row_tokens, row_entropies in zip(all_tokens, all_entropies):
+        end = next((i for i, t in enumerate(row_tokens) if t in stop_ids), len(row_tokens))
+        tokens.append(row_tokens[:end])
+        entropies.append(row_entropies[:end])
+    steps = len(drawn)
+    return Generated(tokens, entropies, steps)

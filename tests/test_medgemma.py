@@ -1,0 +1,493 @@
+"""MedGemma adapter on CPU: preprocessing, prompts, answer parsing, boxes, loading, the shared
+prefix cache, pruning and the engine, against a tiny random checkpoint (tests/tiny_gemma.py)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from engines.errors import CheckpointError
+from engines.medgemma import (
+    INSTRUCTION,
+    MedGemmaEngine,
+    ParsedAnswer,
+    Rollout,
+    Sampled,
+    SliceLayout,
+    box_to_voxels,
+    build_messages,
+    ct_slice_to_rgb,
+    load_medgemma,
+    pad_to_square,
+    parse_answer,
+    question_prompt,
+    select_slice_indices,
+    topic_question,
+)
+from engines.medgemma_pruning import (
+    PruningConfig,
+    decode,
+    keep_tokens,
+    normalized,
+    prefill_prefix,
+    prefill_prompts,
+    saliency,
+)
+from engines.phantom import QUESTIONS
+from engines.report import ReadRequest
+from engines.results import StudyResult
+from engines.volume import Volume
+from tests.tiny_gemma import TOKENS_PER_IMAGE, save_tiny_medgemma
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_medgemma(tmp_path_factory.mktemp("tiny-medgemma"))
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_folder: Path):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")  # a real download attempt would fail, not hang
+        return load_medgemma(tiny_folder)
+
+
+@pytest.fixture(scope="session")
+def engine(tiny) -> MedGemmaEngine:
+    model, processor = tiny
+    return MedGemmaEngine(model, processor, max_new_tokens=8)
+
+
+def _hu(slices: int = 5, rows: int = 40, cols: int = 64, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(-1024, 1500, size=(slices, rows, cols)).astype(np.int16)
+
+
+def _volume(hu: np.ndarray) -> Volume:
+    n = hu.shape[0]
+    return Volume(hu=hu, affine=np.eye(4), sop_instance_uids=tuple(f"1.2.826.0.1.3680043.8.498.{k + 1}" for k in range(n)),
+                  frame_numbers=(None,) * n, sources=(), study_instance_uid="1.2.3", series_instance_uid="1.2.3.4",
+                  frame_of_reference_uid="1.2.3.5")
+
+
+# --- preprocessing -------------------------------------------------------------------------
+
+
+def test_all_slices_up_to_the_limit():
+    assert select_slice_indices(1) == [0]
+    assert select_slice_indices(85) == list(range(85))
+    assert select_slice_indices(4, max_slices=4) == [0, 1, 2, 3]
+
+
+def test_slice_selection_follows_the_official_rule():
+    # i / 4 * 9 = 2.25, 4.5, 6.75, 9 -> Python's round: 2, 4 (half to even), 7, 9
+    assert select_slice_indices(10, max_slices=4) == [2, 4, 7, 9]
+    chosen = select_slice_indices(200)
+    assert len(chosen) == 85 and chosen[0] == 2 and chosen[-1] == 199  # skips 0, keeps the last
+    assert all(b > a for a, b in itertools.pairwise(chosen))
+
+
+@pytest.mark.parametrize("n, limit", [(0, 85), (-3, 85), (2.5, 85), (True, 85), (10, 0)])
+def test_slice_selection_rejects_bad_counts(n, limit):
+    with pytest.raises(ValueError, match="positive integer"):
+        select_slice_indices(n, limit)
+
+
+def test_windows_by_hand():
+    hu = np.array([[-2000, -1024, 0], [40, 215, 3000]], dtype=np.int16)
+    rgb = ct_slice_to_rgb(hu)
+    assert rgb.dtype == np.uint8 and rgb.shape == (2, 3, 3)
+    # R (-1024, 1024): 0 -> 1024/2048*255 = 127.5 -> 128; 40 -> 132.47; 215 -> 154.27
+    assert rgb[..., 0].tolist() == [[0, 0, 128], [132, 154, 255]]
+    # G (-135, 215): 0 -> 135/350*255 = 98.36; 40 -> 175/350*255 = 127.5 -> 128
+    assert rgb[..., 1].tolist() == [[0, 0, 98], [128, 255, 255]]
+    # B (0, 80): 40 -> 127.5 -> 128
+    assert rgb[..., 2].tolist() == [[0, 0, 0], [128, 255, 255]]
+
+
+def test_windows_need_one_slice():
+    with pytest.raises(ValueError, match="2D"):
+        ct_slice_to_rgb(np.zeros((2, 3, 4)))
+
+
+def test_pad_to_square_centres_the_image():
+    rgb = np.full((3, 6, 3), 7, dtype=np.uint8)
+    square, (top, left) = pad_to_square(rgb)
+    assert square.shape == (6, 6, 3) and (top, left) == (1, 0)
+    assert (square[1:4] == 7).all() and (square[0] == 0).all() and (square[4:] == 0).all()
+    square, (top, left) = pad_to_square(np.ones((5, 2, 3), dtype=np.uint8))
+    assert square.shape == (5, 5, 3) and (top, left) == (0, 1) and square[:, 1:3].all() and not square[:, 0].any()
+
+
+# --- prompts -------------------------------------------------------------------------------
+
+
+def test_message_layout():
+    [turn] = build_messages(3, "Is there a nodule?")
+    assert turn["role"] == "user"
+    content = turn["content"]
+    assert content[0] == {"type": "text", "text": INSTRUCTION}
+    assert [c["type"] for c in content[1:7]] == ["image", "text"] * 3
+    assert [c["text"] for c in content[2:7:2]] == ["SLICE 1", "SLICE 2", "SLICE 3"]
+    assert content[-1] == {"type": "text", "text": "Is there a nodule?"}
+    with pytest.raises(ValueError):
+        build_messages(0, "q")
+    with pytest.raises(ValueError):
+        build_messages(2, "  ")
+
+
+def test_topic_and_question_prompts_ask_for_boxes():
+    prompt = topic_question("liver")
+    assert "liver" in prompt and "box_2d" in prompt and "0-1000" in prompt and "SLICE" in prompt
+    assert question_prompt(QUESTIONS[0]).startswith(QUESTIONS[0])
+    with pytest.raises(ValueError):
+        topic_question("")
+
+
+def test_prompt_tokens_match_the_processor(engine, tiny):
+    _, processor = tiny
+    _, images = engine.prepare(_hu(slices=3))
+    questions = [topic_question("lungs"), question_prompt(QUESTIONS[0])]
+    prefix, own = engine.prompt_ids(len(images), questions)
+    tok = processor.tokenizer
+    image_id, boi, eoi = (tok.convert_tokens_to_ids(t) for t in ("<image_soft_token>", "<start_of_image>", "<end_of_image>"))
+    assert prefix.count(image_id) == 3 * TOKENS_PER_IMAGE and prefix.count(boi) == 3 == prefix.count(eoi)
+    slice_id = tok.convert_tokens_to_ids("SLICE")
+    # Order: <boi> 4 x image <eoi> SLICE n, three times, all in the shared prefix.
+    for n, start in enumerate(i for i, t in enumerate(prefix) if t == boi):
+        assert prefix[start + 1 : start + 1 + TOKENS_PER_IMAGE] == [image_id] * TOKENS_PER_IMAGE
+        assert prefix[start + 1 + TOKENS_PER_IMAGE] == eoi
+        assert prefix[start + 2 + TOKENS_PER_IMAGE] == slice_id
+        assert tok.decode([prefix[start + 3 + TOKENS_PER_IMAGE]]) == str(n + 1)
+    # The notebook's path: the processor's chat template with the images in the messages.
+    for question, ids in zip(questions, own):
+        messages = build_messages(3, question)
+        pictures = iter(images)
+        for item in messages[0]["content"]:
+            if item["type"] == "image":
+                item["image"] = Image.fromarray(next(pictures))
+        reference = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                  return_dict=True, return_tensors="pt")
+        assert reference["input_ids"][0].tolist() == prefix + ids
+        assert reference["token_type_ids"][0].tolist() == [int(t == image_id) for t in prefix + ids]
+    pixels = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+    assert torch.equal(pixels, reference["pixel_values"])
+
+
+# --- answers -------------------------------------------------------------------------------
+
+
+def test_fenced_json_answer():
+    text = ('A nodule in the right lung.\n```json\n[{"box_2d": [100, 200, 300, 400], "label": "nodule", '
+            '"slice": 3}]\n```')
+    parsed = parse_answer(text)
+    assert parsed.error is None and parsed.text == "A nodule in the right lung."
+    [box] = parsed.boxes
+    assert box.box_2d == (100, 200, 300, 400) and box.label == "nodule" and box.slice == 3 and box.problem is None
+    assert text[box.span[0] : box.span[1]] == '"box_2d": [100, 200, 300, 400]'
+
+
+def test_thought_trace_is_stripped():
+    text = '<unused94>thought\nmaybe [{"box_2d": [1, 2, 3, 4], "slice": 1}]<unused95>The lungs are clear.'
+    assert parse_answer(text) == ParsedAnswer("The lungs are clear.", (), None, thought=True)
+    text = '<unused94>x<unused95>Nodule. [{"box_2d": [1, 2, 3, 4], "slice": 1}]'
+    [box] = parse_answer(text).boxes
+    assert text[box.span[0] : box.span[1]] == '"box_2d": [1, 2, 3, 4]'  # spans index the raw text
+
+
+def test_unfinished_thought_trace_is_an_error():
+    parsed = parse_answer("<unused94>thought\nstill thinking about [1, 2")
+    assert parsed.text == "" and not parsed.boxes and "never ended" in parsed.error
+
+
+def test_answer_without_json_is_not_an_error():
+    parsed = parse_answer("No pleural effusion.<end_of_turn>")
+    assert parsed.text == "No pleural effusion." and parsed.boxes == () and parsed.error is None
+
+
+def test_bare_json_and_slice_labels():
+    text = 'Mass. [{"box_2d": [10, 10, 20, 20], "label": "mass", "slice": "SLICE 2"}] That is all.'
+    parsed = parse_answer(text)
+    assert parsed.text == "Mass. That is all." and parsed.error is None
+    assert parsed.boxes[0].slice == 2 and parsed.boxes[0].label == "mass"
+    assert parse_answer("There is [1] nodule.").boxes == ()  # a bracket in prose is not a box
+
+
+@pytest.mark.parametrize("text, message", [
+    ('Nodule.\n```json\n[{"box_2d": [1, 2, 3}]\n```', "malformed JSON"),
+    ('Nodule. ```json\n[{"box_2d": [1, 2', "unterminated"),
+    ('Nodule. [{"box_2d": [1, 2, 3], "slice": 1}]', "4 numbers"),
+    ('Nodule. [{"box_2d": [1, 2, 3, "x"], "slice": 1}]', "4 numbers"),
+    ('Nodule. {"box_2d": oops}', "not in valid JSON"),
+    ('[{"box_2d": [1, 2, 3, 4], "slice": "top"}]', "not a SLICE number"),
+])
+def test_malformed_answers_are_recorded(text, message):
+    parsed = parse_answer(text)
+    assert message in parsed.error
+    assert parsed.text.startswith("Nodule.") or parsed.text == ""
+
+
+def test_bad_items_are_skipped_and_reported():
+    parsed = parse_answer('[{"box_2d": [1, 2, 3, 4], "slice": 1}, {"label": "x"}, 5]')
+    assert len(parsed.boxes) == 1 and "item 1" in parsed.error and "item 2" in parsed.error
+    assert parse_answer(None).error.startswith("model output is not text")
+
+
+@pytest.mark.parametrize("box, problem", [([0, 0, 1200, 500], "outside the 0-1000"), ([300, 0, 100, 500], "inverted"),
+                                          ([100, 50, 200, 50], "inverted")])
+def test_out_of_range_and_inverted_boxes(box, problem):
+    parsed = parse_answer(json.dumps([{"box_2d": box, "slice": 1}]))
+    assert problem in parsed.boxes[0].problem
+    with pytest.raises(ValueError, match=problem):
+        box_to_voxels(box, 1, [0, 5], (40, 80), (20, 0), 80, 10)
+
+
+# --- boxes ---------------------------------------------------------------------------------
+
+
+def test_box_to_voxels_by_hand():
+    # 20 slices of 40 x 80, padded to 80 x 80 with 20 rows on top; SLICE 1..4 are k 0, 5, 10, 15.
+    args = ([0, 5, 10, 15], (40, 80), (20, 0), 80, 20)
+    # y 250..500 -> padded rows 20..40 -> image rows 0..20; x 100..200 -> columns 8..16
+    assert box_to_voxels([250, 100, 500, 200], 2, *args) == (5, 0, 8, 10, 20, 16)
+    assert box_to_voxels([250, 100, 500, 200], 4, *args) == (15, 0, 8, 20, 20, 16)  # last: to the end
+    assert box_to_voxels([0, 0, 1000, 1000], 1, *args) == (0, 0, 0, 5, 40, 80)  # clipped to the slice
+    # 0.1 of a padded pixel still claims that pixel: rounding goes outwards
+    assert box_to_voxels([251, 101, 499.9, 199.9], 1, *args) == (0, 0, 8, 5, 20, 16)
+    assert box_to_voxels([500, 500, 600, 600], 5, list(range(5)), (10, 10), (0, 0), 10, 5) == (4, 5, 5, 5, 6, 6)
+
+
+@pytest.mark.parametrize("box, slice_number, message", [
+    ([0, 0, 200, 1000], 1, "padding"),
+    ([250, 100, 500, 200], 0, "SLICE 1..4"),
+    ([250, 100, 500, 200], 5, "SLICE 1..4"),
+    ([250, 100, 500, 200], None, "no slice"),
+    ([250, 100, 500], 1, "4 numbers"),
+])
+def test_box_to_voxels_refuses(box, slice_number, message):
+    with pytest.raises(ValueError, match=message):
+        box_to_voxels(box, slice_number, [0, 5, 10, 15], (40, 80), (20, 0), 80, 20)
+
+
+# --- loading -------------------------------------------------------------------------------
+
+
+def _copy_without(src: Path, dst: Path, *names: str) -> Path:
+    shutil.copytree(src, dst)
+    for name in names:
+        (dst / name).unlink()
+    return dst
+
+
+@pytest.mark.parametrize("drop, expected", [
+    (("config.json",), "missing config.json"),
+    (("model.safetensors",), "the *.safetensors weights"),
+    (("tokenizer.json",), "tokenizer files"),
+    (("processor_config.json",), "processor files"),
+])
+def test_incomplete_checkpoint_says_what_is_expected(tiny_folder, tmp_path, drop, expected):
+    folder = _copy_without(tiny_folder, tmp_path / "ckpt", *drop)
+    with pytest.raises(CheckpointError) as error:
+        load_medgemma(folder)
+    message = str(error.value)
+    assert expected in message and "google/medgemma-1.5-4b-it" in message
+    assert "Health AI Developer Foundations" in message and "never downloads" in message
+
+
+def test_missing_or_foreign_checkpoint(tiny_folder, tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_medgemma(tmp_path / "nowhere")
+    folder = _copy_without(tiny_folder, tmp_path / "llama")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
+    with pytest.raises(CheckpointError, match="not Gemma 3"):
+        load_medgemma(folder)
+
+
+# --- shared prefix and pruning -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def prompt_case(engine, tiny):
+    """Two prompts of different lengths on 5 slices, with the full forward's next-token logits."""
+    model, processor = tiny
+    _, images = engine.prepare(_hu(slices=5))
+    questions = [question_prompt(QUESTIONS[1]), topic_question("heart")]
+    prefix, own = engine.prompt_ids(len(images), questions)
+    assert len(own[0]) != len(own[1])  # so the batch has padding
+    references, greedy = [], []
+    with torch.no_grad():
+        features = engine._encode_images(images)
+        for question in questions:
+            text = processor.apply_chat_template(build_messages(5, question), add_generation_prompt=True, tokenize=False)
+            inputs = processor(text=[text], images=[images], return_tensors="pt")
+            references.append(model(**inputs).logits[0, -1])
+            out = model.generate(**inputs, max_new_tokens=5, do_sample=False, eos_token_id=None)
+            greedy.append(out[0, inputs["input_ids"].shape[1]:].tolist())
+    return engine.decoder, prefix, own, features, references, greedy
+
+
+def _prefill(case, pruning: PruningConfig | None = None):
+    decoder, prefix_ids, own, features, _, _ = case
+    layer = pruning.layer_for(decoder.num_layers) if pruning and pruning.active else None
+    with torch.no_grad():
+        prefix = prefill_prefix(decoder, torch.tensor(prefix_ids), features, layer)
+        return prefill_prompts(decoder, prefix, own, pruning)
+
+
+def test_prefix_cache_gives_the_full_forward_logits(prompt_case):
+    prompted = _prefill(prompt_case)
+    for row, reference in enumerate(prompt_case[4]):
+        torch.testing.assert_close(prompted.next_logits[row], reference, atol=1e-4, rtol=0)
+    assert prompted.kept_ratio is None
+
+
+def test_image_tokens_attend_both_ways(prompt_case, monkeypatch):
+    import engines.medgemma_pruning as pruning_module
+
+    monkeypatch.setattr(pruning_module, "image_blocks", lambda is_image: torch.full(is_image.shape, -1))
+    causal_only = _prefill(prompt_case)  # what dropping token_type_ids would do
+    assert not torch.allclose(causal_only.next_logits[0], prompt_case[4][0], atol=1e-4)
+
+
+def test_batched_decoding_matches_generate(prompt_case):
+    prompted = _prefill(prompt_case)
+    with torch.no_grad():
+        out = decode(prompt_case[0], prompted, rollouts=1, max_new_tokens=5, stop_ids=set())
+    assert out.tokens == prompt_case[5] and out.steps == 5
+    assert all(len(e) == 5 and all(x >= 0 for x in e) for e in out.entropies)
+
+
+def test_pruning_that_keeps_everything_changes_nothing(prompt_case):
+    prompted = _prefill(prompt_case, PruningConfig("ratio", 1.0))
+    assert prompted.kept_ratio == [1.0, 1.0]
+    for row, reference in enumerate(prompt_case[4]):
+        torch.testing.assert_close(prompted.next_logits[row], reference, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("pruning, share", [(PruningConfig("ratio", 0.5), 0.5), (PruningConfig("ratio", 0.25, layer=2), 0.25),
+                                            (PruningConfig("threshold", 0.99, min_keep=0.3), 0.3)])
+def test_pruning_shortens_sequence_and_cache(prompt_case, pruning, share):
+    decoder, prefix_ids, own, *_ = prompt_case
+    n_image = prefix_ids.count(decoder.image_token_id)
+    prompted = _prefill(prompt_case, pruning)
+    assert prompted.kept_ratio == [pytest.approx(share)] * 2
+    kept = round(share * n_image)
+    cache = prompted.cache
+    assert cache.length == len(prefix_ids) - n_image + kept + max(map(len, own))
+    assert all(k.shape[2] == cache.length and v.shape[2] == cache.length for k, v in zip(cache.keys, cache.values))
+    is_image = cache.block >= 0
+    assert (is_image & cache.valid).sum(1).tolist() == [kept, kept]
+    assert cache.valid.sum(1).tolist() == [len(prefix_ids) - n_image + kept + len(o) for o in own]
+    assert not torch.allclose(prompted.next_logits[0], prompt_case[4][0], atol=1e-4)
+    # Kept slots keep their original positions: still increasing, inside the prefix range.
+    for row in range(2):
+        positions = cache.pos[row][cache.valid[row]]
+        assert (positions[1:] > positions[:-1]).all() and int(positions.max()) == len(prefix_ids) + len(own[row]) - 1
+    with torch.no_grad():
+        out = decode(decoder, prompted, rollouts=2, max_new_tokens=3, stop_ids=set(), temperature=1.0, seed=1)
+    assert len(out.tokens) == 4 and all(len(t) == 3 for t in out.tokens)
+
+
+def test_keep_rules():
+    u = torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0])  # rho = 0, .25, .5, .75, 1
+    assert keep_tokens(u, PruningConfig("threshold", 0.5, min_keep=0)).tolist() == [False, False, False, True, True]
+    # top_p: rho mass 2.5; the two highest hold 1.75 = 70 %, the three highest 2.25 = 90 %
+    assert keep_tokens(u, PruningConfig("top_p", 0.7, min_keep=0)).tolist() == [False, False, False, True, True]
+    assert keep_tokens(u, PruningConfig("top_p", 0.71, min_keep=0)).tolist() == [False, False, True, True, True]
+    assert keep_tokens(u, PruningConfig("ratio", 0.4, min_keep=0)).tolist() == [False, False, False, True, True]
+    # the floor tops up with the most salient tokens
+    assert keep_tokens(u, PruningConfig("threshold", 0.9, min_keep=0.6)).tolist() == [False, False, True, True, True]
+    assert keep_tokens(u, PruningConfig("off")).all()
+    assert normalized(torch.ones(3)).tolist() == [1.0, 1.0, 1.0]
+
+
+def test_saliency_follows_photons_formula():
+    generator = torch.Generator().manual_seed(0)
+    q, kq, ki = (torch.randn(2, n, 8, generator=generator) for n in (3, 3, 5))
+    scale = 8 ** -0.5
+    expected = torch.zeros(5)
+    for h in range(2):
+        c = torch.tensor([sum(max(float(q[h, t] @ kq[h, s]) * scale, 0.0) for s in range(3) if s != t) for t in range(3)])
+        w = c / max(float(c.sum()), 1.0)
+        for j in range(5):
+            expected[j] += sum(w[t] * float(q[h, t] @ ki[h, j]) * scale for t in range(3)) / 2
+    torch.testing.assert_close(saliency(q, kq, ki, scale), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kwargs", [{"keep": "half"}, {"keep": "threshold", "keep_value": 1.0},
+                                    {"keep": "top_p", "keep_value": 0.0}, {"keep": "ratio", "keep_value": 1.5},
+                                    {"min_keep": 2.0}, {"layer": -1}])
+def test_pruning_config_validates(kwargs):
+    with pytest.raises(ValueError, match="pruning"):
+        PruningConfig(**kwargs)
+    with pytest.raises(ValueError, match="does not exist"):
+        PruningConfig("ratio", layer=9).layer_for(4)
+
+
+# --- the engine ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pruning", [PruningConfig(), PruningConfig("top_p", 0.6)])
+def test_engine_reads_a_volume(tiny, pruning):
+    model, processor = tiny
+    engine = MedGemmaEngine(model, processor, max_new_tokens=6, max_slices=8, pruning=pruning)
+    volume = _volume(_hu(slices=12, rows=48, cols=64, seed=3))
+    request = ReadRequest(topics=("lungs", "heart"), questions=(QUESTIONS[0],), rollouts=2, temperature=1.0)
+    result = engine.run(volume, request)
+    assert [t.topic for t in result.topics] == ["lungs", "heart"]
+    assert [a.question for a in result.answers] == [QUESTIONS[0]]
+    assert result.engine.name == "medgemma" and result.series_instance_uid == volume.series_instance_uid
+    again = StudyResult.from_dict(json.loads(json.dumps(result.to_dict())))
+    again.check_fits(volume.shape)
+    extra = result.extra
+    assert set(extra["timings"]) >= {"encode_s", "prefill_s", "prompts_s", "decode_s"}
+    assert extra["slice_indices"] == select_slice_indices(12, 8)
+    assert extra["tokens"]["image"] == 8 * TOKENS_PER_IMAGE and extra["tokens"]["slices"] == 8
+    assert set(extra["tokens"]["prompts"]) == {"lungs", "heart", QUESTIONS[0]}
+    if pruning.active:
+        assert 0 < extra["mean_kept_ratio"] <= 1 and all("kept_ratio" in t.extra for t in result.topics)
+    else:
+        assert extra["mean_kept_ratio"] is None and "kept_ratio" not in result.topics[0].extra
+    assert engine.run(volume, request).to_dict()["topics"] == result.to_dict()["topics"]  # seeded
+
+
+def test_consensus_findings_from_rollouts(engine):
+    layout = SliceLayout(selected=(0, 5, 10, 15), image_shape=(40, 80), pad_offset=(20, 0), padded_size=80, n_slices=20)
+    nodule = 'A 6 mm nodule in the right lung. ```json\n[{"box_2d": [250, 100, 500, 200], "label": "nodule", "slice": 2}]\n```'
+    shifted = nodule.replace("[250, 100, 500, 200]", "[260, 100, 500, 210]")
+    lungs = [Rollout(nodule, [0.5] * 60, list(range(2, 122, 2))), Rollout(shifted),
+             Rollout(nodule.replace("[250, 100, 500, 200]", "[250, 110, 490, 200]")), Rollout("```json\n[{broken\n```"),
+             Rollout('Mass. [{"box_2d": [0, 0, 200, 1000], "label": "mass", "slice": 1}]')]
+    answers = [Rollout("No."), Rollout("no"), Rollout("Yes. [{\"box_2d\": [250, 100, 500, 200], \"slice\": 1}]"),
+               Rollout("No"), Rollout("NO. ")]
+    unreadable = [Rollout("```json\n[{broken\n```")] * 3 + [Rollout("The liver is normal.")] * 2
+    sampled = Sampled(layout, {"lungs": lungs, "heart": [Rollout("The heart is normal.")] * 5, "liver": unreadable,
+                               QUESTIONS[0]: answers}, None, {}, {})
+    request = ReadRequest(topics=("lungs", "heart", "liver"), questions=(QUESTIONS[0],), rollouts=5)
+    topics, replies = engine.assemble(sampled, request)
+    lung, heart, liver = topics
+    [finding] = lung.findings
+    assert not lung.normal and finding.type == "nodule" and finding.text == "A 6 mm nodule in the right lung."
+    assert finding.size_mm == 6.0 and finding.extra["agreement"] == 0.6 and 0 < finding.confidence <= 0.6
+    assert finding.box.voxel[0] == 5 and finding.box.voxel[3] == 10  # SLICE 2 -> k 5..9
+    # one member's box tokens had entropy 0.5, the two others are unknown (counted as 0)
+    assert finding.extra["box_entropy"] == pytest.approx(0.5 / 3, abs=1e-4)
+    assert "rollout 3: malformed JSON" in lung.extra["error"] and "rollout 4, box 0" in lung.extra["error"]
+    assert heart.normal and heart.text == "The heart is normal." and not heart.findings
+    # 3 of 5 answers unreadable: not claimed normal, no findings, the errors recorded
+    assert not liver.normal and liver.text is None and not liver.findings and "rollout 2" in liver.extra["error"]
+    [reply] = replies
+    assert reply.answer == "no" and reply.confidence == 0.8 and reply.box is None
+
+
+def test_rollout_span_entropy():
+    rollout = Rollout("ab cd ef", [1.0, 2.0, 3.0], [2, 5, 8])
+    assert rollout.span_entropy((3, 5)) == 2.0 and rollout.span_entropy((1, 4)) == 1.5
+    assert Rollout("x").span_entropy((0, 1)) is None and rollout.span_entropy(None) is None
