@@ -3,17 +3,34 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from engines.checkpoint import SHIPPED, load_checkpoint
 from engines.errors import EngineError
-from engines.report import DemoEngine
 
-ENGINES = ("demo",)
+ENGINES = ("demo", "medgemma")
 
 
-def create_engine(name: str, *, weights: Path | None = None, device: str = "cpu") -> DemoEngine:
-    """Load engine ``name`` once; it holds its weights for its lifetime."""
-    if name not in ENGINES:
-        raise EngineError(f"unknown engine {name!r}; available: {', '.join(ENGINES)}")
-    model, _ = load_checkpoint(weights or SHIPPED, device)
-    return DemoEngine(model, device=device)
+def create_engine(name: str, *, weights: Path | None = None, model_path: Path | None = None,
+                  device: str = "cpu", **options: Any):
+    """Load engine ``name`` once; it holds its weights for its lifetime.
+
+    ``demo`` uses Readout's shipped weights (or ``weights``); ``medgemma`` needs ``model_path``,
+    a local folder with google/medgemma-1.5-4b-it (downloaded by the user; nothing is fetched).
+    ``options`` go to the engine's constructor (e.g. ``max_slices``, ``pruning`` for medgemma).
+    """
+    if name == "demo":
+        from engines.checkpoint import SHIPPED, load_checkpoint
+        from engines.report import DemoEngine
+
+        model, _ = load_checkpoint(weights or SHIPPED, device)
+        return DemoEngine(model, device=device)
+    if name == "medgemma":
+        from engines.medgemma import MedGemmaEngine, PruningConfig
+
+        if model_path is None:
+            raise EngineError("the medgemma engine needs a model path: a local folder holding "
+                              "google/medgemma-1.5-4b-it (readout run --model-path DIR, or model_path in the settings)")
+        if isinstance(options.get("pruning"), dict):
+            options["pruning"] = PruningConfig(**options["pruning"])
+        return MedGemmaEngine.from_path(Path(model_path), device, **options)
+    raise EngineError(f"unknown engine {name!r}; available: {', '.join(ENGINES)}")

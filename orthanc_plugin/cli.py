@@ -126,7 +126,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                           pruning=not args.no_scheduling, reground=not args.no_regrounding)
     with _progress_bar("reading series") as progress:
         volume, selection = load_study_volume(Path(args.dicom_dir), progress=progress)
-    engine = create_engine(args.engine, weights=Path(args.weights) if args.weights else None)
+    engine = create_engine(args.engine, weights=Path(args.weights) if args.weights else None,
+                           model_path=Path(args.model_path) if args.model_path else None, device=args.device)
     with tqdm(total=1, desc=f"{args.engine} engine", disable=None, leave=False, file=sys.stderr) as bar:
         result = engine.run(volume, request)
         bar.update(1)
@@ -148,8 +149,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     print("\n".join(lines))
     print(f"Key images: {len(images)} PNG in {out}")
     timings = result.extra.get("timings", {})
-    print("Timings: " + ", ".join(f"{k[:-2]} {v:.2f} s" for k, v in timings.items())
-          + f"; visual tokens kept {result.extra.get('mean_kept_ratio', 1.0):.0%}")
+    kept = result.extra.get("mean_kept_ratio")
+    print("Timings: " + ", ".join(f"{k.removesuffix('_s')} {v:.2f} s" for k, v in timings.items())
+          + ("; visual tokens kept: all" if kept is None else f"; visual tokens kept {kept:.0%}"))
     return EXIT_OK
 
 
@@ -238,8 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="read a CT series with an engine: findings.json, SR, SEG, key images")
     run.add_argument("dicom_dir")
     run.add_argument("--out", required=True)
-    run.add_argument("--engine", default="demo")
+    run.add_argument("--engine", default="demo", help="demo or medgemma")
     run.add_argument("--weights", help="model weights stem (default: the shipped demo weights)")
+    run.add_argument("--model-path", help="medgemma: a local folder with google/medgemma-1.5-4b-it (never downloaded)")
+    run.add_argument("--device", default="cpu", help="cpu or cuda")
     run.add_argument("--topics", default=",".join(TOPICS), help="comma-separated topics")
     run.add_argument("--question", action="append", default=[], help="a question to answer (repeatable)")
     run.add_argument("--rollouts", type=int, default=5)

@@ -59,18 +59,18 @@ BAD_INPUT = (VolumeError, EngineError, FindingsError, CheckpointError, NoSeriesF
 def load_engine(name: str, options: dict[str, Any]):
     """An engine by name: ``factory`` ("module:callable") in its settings, else Readout's registry.
 
-    A factory gets the engine's other settings (all but the read-request options) as arguments.
+    The engine's settings other than the read-request options (``rollouts`` ...) are its
+    constructor's arguments, e.g. ``model_path`` and ``device`` for medgemma.
     """
+    arguments = {k: v for k, v in options.items() if k != "factory" and k not in REQUEST_OPTIONS}
     factory = options.get("factory")
     if factory:
         module, _, attribute = factory.partition(":")
-        arguments = {k: v for k, v in options.items() if k != "factory" and k not in REQUEST_OPTIONS}
         return getattr(import_module(module), attribute)(**arguments)
-    from engines.registry import (
-        create_engine,  # torch: only when an engine is really needed
-    )
+    # torch: only when an engine is really needed
+    from engines.registry import create_engine
 
-    return create_engine(name)
+    return create_engine(name, **arguments)
 
 
 class Runner:
