@@ -30,7 +30,7 @@ import math
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from engines.errors import CheckpointError
-from engines.grounding import Candidate, consensus, majority_answer, vote_box
+from engines.grounding import Candidate, consensus, iou3d, majority_answer, vote_box
 from engines.medgemma_pruning import (
     Gemma3Decoder,
     PruningConfig,
@@ -663,6 +663,24 @@ class MedGemmaEngine:
                                   extra=self._extra(sampled, question, errors)))
         return topics, answers
 
+    def _reground(self, hu: np.ndarray, topic: str, finding: Finding, request: ReadRequest) -> None:
+        """MedVR's re-look: ask the topic again on a zoomed crop around an uncertain box.
+
+        The crop is shown at the model's full image size, so the box is redrawn at a finer
+        scale; the re-look's box of the same kind that overlaps the first one most replaces it.
+        """
+        region = _zoom_region(finding.box.voxel, hu.shape)
+        crop = hu[region[0]:region[3], region[1]:region[4], region[2]:region[5]]
+        zoomed = replace(request, topics=(topic,), questions=(), reground=False)
+        [again], _ = self.assemble(self.sample(crop, zoomed), zoomed)
+        shifted = [tuple(v + region[i % 3] for i, v in enumerate(f.box.voxel)) for f in again.findings
+                   if f.type == finding.type and f.box is not None]
+        best = max(shifted, key=lambda b: iou3d(b, finding.box.voxel), default=None)
+        finding.extra["regrounded"] = best is not None and iou3d(best, finding.box.voxel) > 0
+        if finding.extra["regrounded"]:
+            finding.extra["box_before_regrounding"] = list(finding.box.voxel)
+            finding.box = Box(best)
+
     @staticmethod
     def _extra(sampled: Sampled, name: str, errors: list[str]) -> dict[str, Any]:
         extra: dict[str, Any] = {}
@@ -678,6 +696,13 @@ class MedGemmaEngine:
         t0 = time.perf_counter()
         topics, answers = self.assemble(sampled, request)
         sampled.timings["assemble_s"] = time.perf_counter() - t0
+        if request.reground:
+            t0 = time.perf_counter()
+            for topic in topics:
+                for finding in topic.findings:
+                    if finding.extra.get("high_box_entropy"):
+                        self._reground(volume.hu, topic.topic, finding, request)
+            sampled.timings["reground_s"] = time.perf_counter() - t0
         pruning = self.pruning if request.pruning else PruningConfig()
         kept = list((sampled.kept_ratio or {}).values())
         return StudyResult(
@@ -689,6 +714,16 @@ class MedGemmaEngine:
                                "layer": pruning.layer_for(self.decoder.num_layers) if pruning.active else None},
                    "mean_kept_ratio": round(float(np.mean(kept)), 4) if kept else None},
         )
+
+
+def _zoom_region(box: Sequence[int], shape: Sequence[int]) -> tuple[int, ...]:
+    """The box grown by half its size on every side (at least 4 slices and 32 pixels), in the volume."""
+    region = []
+    for axis, floor in zip(range(3), (4, 32, 32)):
+        start, stop = box[axis], box[axis + 3]
+        grow = max((stop - start) // 2, floor)
+        region.append((max(0, start - grow), min(shape[axis], stop + grow)))
+    return tuple(a for a, _ in region) + tuple(b for _, b in region)
 
 
 def _finding_sentence(text: str, label: str) -> str:

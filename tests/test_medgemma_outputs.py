@@ -70,3 +70,31 @@ def test_medgemma_boxes_become_a_conformant_seg_and_sr(tiny_folder: Path, make_p
     assert len(seg.SegmentSequence) == 2
     assert dciodvfy_errors(tmp_path / "seg.dcm") == [] and dciodvfy_errors(tmp_path / "sr.dcm") == []
     assert dsrdump_errors(tmp_path / "sr.dcm") == []
+
+
+def test_an_uncertain_box_is_redrawn_on_a_zoomed_crop(tiny_folder: Path, monkeypatch) -> None:
+    import numpy as np
+
+    from engines.medgemma import _zoom_region
+    from engines.results import Box, Finding
+
+    engine = MedGemmaEngine(*load_medgemma(tiny_folder))
+    hu = np.zeros((40, 128, 128), dtype=np.int16)
+    first = Finding(type="nodule", text="Nodule.", box=Box((18, 60, 60, 22, 76, 76)), extra={"high_box_entropy": True})
+    region = _zoom_region(first.box.voxel, hu.shape)
+    assert region == (14, 28, 28, 26, 108, 108)  # grown by at least 4 slices and 32 pixels, inside the volume
+    seen = {}
+
+    def sample(crop, request):  # the re-look's answer, as the model would give it on the crop
+        seen["shape"], seen["topics"] = crop.shape, request.topics
+        layout, _ = engine.prepare(crop)
+        answer = 'Nodule. [{"box_2d": [400, 400, 560, 560], "label": "nodule", "slice": 6}]'
+        return Sampled(layout, {"lungs": [Rollout(answer)] * request.rollouts}, None, {}, {})
+
+    monkeypatch.setattr(engine, "sample", sample)
+    engine._reground(hu, "lungs", first, ReadRequest(topics=("lungs",), questions=(), rollouts=3))
+    assert seen == {"shape": (12, 80, 80), "topics": ("lungs",)}
+    assert first.extra["regrounded"] and first.extra["box_before_regrounding"] == [18, 60, 60, 22, 76, 76]
+    k0, r0, c0, k1, r1, c1 = first.box.voxel
+    assert (k0, k1) == (14 + 5, 14 + 6)  # SLICE 6 of the crop
+    assert 28 + 32 <= r0 < r1 <= 28 + 45 and 28 + 32 <= c0 < c1 <= 28 + 45  # 0.4..0.56 of the 80-pixel crop
