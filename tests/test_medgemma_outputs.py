@@ -18,7 +18,12 @@ import pytest
 from dicom_sr.conformance import dciodvfy_errors, dsrdump_errors
 from dicom_sr.seg import write_segmentation
 from dicom_sr.sr import write_report
-from engines.medgemma import MedGemmaEngine, Rollout, Sampled, SliceLayout, load_medgemma
+from engines.medgemma import (
+    MedGemmaEngine,
+    Rollout,
+    Sampled,
+    load_medgemma,
+)
 from engines.phantom import TOPICS
 from engines.report import ReadRequest
 from engines.results import StudyResult
