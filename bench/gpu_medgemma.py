@@ -1,0 +1,1148 @@
+"""Benchmark: one MedGemma-1.5-4B study on the GPU, naive HF path vs Readout's path (issue 5, section 3).
+
+A ``Gemma3ForConditionalGeneration`` with MedGemma 1.5 4B's shapes and random weights is built
+directly on the device (nothing is downloaded; no processor: the input ids are built here with
+the official layout, 256 image tokens per slice between <start_of_image> and <end_of_image>,
+each slice followed by "SLICE n"). One study: 85 slices, 5 topics x 128 new tokens.
+
+(a) naive: HF ``generate`` with the dynamic cache, one topic at a time; every topic encodes the
+    slices and prefills the whole prompt again.
+(b) Readout: bf16, SDPA, slices encoded once, image prefix prefilled once
+    (``engines.medgemma_pruning.prefill_prefix``), the 5 topics batched on it
+    (``prefill_prompts``), greedy decoding over a static cache captured as a CUDA graph (the
+    `StaticDecode` below: Readout's layers and masks over fixed-size key/value buffers; the
+    shipped loop ``engines.medgemma_pruning.decode`` is timed beside it).
+(c) (b) with Photon-style pruning, ``PruningConfig(keep="ratio", keep_value=0.5 / 0.25)``: each
+    prompt keeps its own image tokens, as the engine does. A bench-only variant ("shared keep")
+    keeps one set for all prompts (mean saliency) so the layers after the pruning layer run on
+    the prefix once; it shows what the engine's per-prompt choice costs.
+
+Per path: vision encode, prefill, decode and total (median of ``--repeats`` after a warm-up),
+decode per step at batch 8 (5 topics + 3 questions), peak memory; PASS/MISS against the targets.
+
+    python bench/gpu_medgemma.py                 # GPU, real shapes (< 6 min on an H100)
+    python bench/gpu_medgemma.py --toy           # tiny shapes, CPU in seconds; prints only
+    python bench/gpu_medgemma.py --from-json F   # render and record a saved run (no model)
+
+Writes the raw figures to ``--json`` (default ``$OUT/gpu_medgemma.json`` when ``OUT`` is set,
+else ``bench/out/gpu_medgemma.json``) after every stage, so a run cut short still leaves what it
+measured; real-shape runs also write the Markdown next to it and append it to bench/RESULTS.md.
+Imports only torch, transformers and ``engines.medgemma_pruning`` (no pydicom, jsonschema).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import transformers  # noqa: E402
+from transformers import (  # noqa: E402
+    Gemma3Config,
+    Gemma3ForConditionalGeneration,
+    Gemma3TextConfig,
+    SiglipVisionConfig,
+)
+
+from engines.medgemma_pruning import (  # noqa: E402
+    Gemma3Decoder,
+    Prompted,
+    PruningConfig,
+    TokenCache,
+    decode,
+    keep_tokens,
+    prefill_prefix,
+    prefill_prompts,
+    saliency,
+)
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+SECTION = "## MedGemma GPU path (bench/gpu_medgemma.py)"
+TARGETS = {"study_s": 2.5, "decode_b8_ms": 10.0, "prefill_cut_25": 3.0}
+GIB = 1024**3
+
+
+# --- Shapes ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """One study's sizes and the special token ids of the model."""
+
+    slices: int
+    topics: int
+    questions: int
+    new_tokens: int
+    repeats: int
+    b8_steps: int  # decode steps timed for the batch-8 figures
+    loop_steps: int  # steps of Readout's shipped decode loop (per-step figure)
+    vision_batch: int
+    text_ids: tuple[int, int]  # arbitrary "word" ids are drawn from this range
+    bos: int = 2
+    start_of_turn: int = 105
+    end_of_turn: int = 106
+    newline: int = 107
+    double_newline: int = 108
+
+
+REAL = Shapes(slices=85, topics=5, questions=3, new_tokens=128, repeats=3, b8_steps=64, loop_steps=32,
+              vision_batch=16, text_ids=(1000, 250_000))
+TOY = Shapes(slices=4, topics=5, questions=3, new_tokens=8, repeats=2, b8_steps=6, loop_steps=8,
+             vision_batch=16, text_ids=(10, 390), start_of_turn=5, end_of_turn=6, newline=7, double_newline=8)
+
+
+def real_config() -> Gemma3Config:
+    """google/medgemma-1.5-4b-it's config.json values (Gemma 3 4B + 400M SigLIP at 896 px)."""
+    text = Gemma3TextConfig(
+        vocab_size=262_208, hidden_size=2560, intermediate_size=10_240, num_hidden_layers=34,
+        num_attention_heads=8, num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256,
+        hidden_activation="gelu_pytorch_tanh", max_position_embeddings=131_072, rms_norm_eps=1e-6,
+        sliding_window=1024, sliding_window_pattern=6,  # 5 local : 1 global
+        rope_theta=1_000_000.0, rope_local_base_freq=10_000.0, rope_scaling={"rope_type": "linear", "factor": 8.0},
+        pad_token_id=0, eos_token_id=1, bos_token_id=2,
+    )
+    vision = SiglipVisionConfig(image_size=896, patch_size=14, hidden_size=1152, intermediate_size=4304,
+                                num_hidden_layers=27, num_attention_heads=16, layer_norm_eps=1e-6,
+                                hidden_act="gelu_pytorch_tanh", vision_use_head=False)
+    return Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=256,
+                        boi_token_index=255_999, eoi_token_index=256_000, image_token_index=262_144)
+
+
+def toy_config() -> Gemma3Config:
+    """The real architecture at toy sizes (like tests/tiny_gemma.py): 4 decoder layers, 16 tokens per image."""
+    text = Gemma3TextConfig(
+        vocab_size=400, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=32, query_pre_attn_scalar=32, sliding_window=16,
+        layer_types=["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"],
+        pad_token_id=0, eos_token_id=1, bos_token_id=2,
+    )
+    vision = SiglipVisionConfig(image_size=64, patch_size=8, hidden_size=32, intermediate_size=64,
+                                num_hidden_layers=2, num_attention_heads=2, vision_use_head=False)
+    return Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=16,
+                        boi_token_index=397, eoi_token_index=398, image_token_index=399)
+
+
+def build_model(config: Gemma3Config, device: torch.device, dtype: torch.dtype) -> Gemma3ForConditionalGeneration:
+    """Random weights, allocated and initialized on ``device``."""
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Gemma3ForConditionalGeneration._from_config(config, dtype=dtype, attn_implementation="sdpa")
+    model.eval()
+    with torch.no_grad():
+        # Gemma 3 starts the projector at zero (every image token the same); unit-scale soft
+        # tokens make the image content matter, as trained weights do (and pruning has to choose).
+        projector = model.model.multi_modal_projector.mm_input_projection_weight
+        projector.normal_(0.0, projector.shape[0] ** -0.5)
+    generation = model.generation_config
+    generation.eos_token_id, generation.pad_token_id = None, 0  # always generate every token
+    return model
+
+
+# --- Inputs ------------------------------------------------------------------------------------
+
+
+@dataclass
+class StudyInputs:
+    prefix: list[int]  # instruction + per slice image block and "SLICE n"
+    topics: list[list[int]]  # each topic's own part: question + end of turn + model turn
+    questions: list[list[int]]
+    pixel_values: torch.Tensor  # [slices, 3, S, S]
+    image_token_id: int
+
+    @property
+    def image_tokens(self) -> int:
+        return self.prefix.count(self.image_token_id)
+
+
+def build_inputs(model, shapes: Shapes, device: torch.device, dtype: torch.dtype, seed: int = 0) -> StudyInputs:
+    """Token ids in the official layout with arbitrary ids for the words, and random pixels."""
+    config = model.config
+    g = torch.Generator().manual_seed(seed)
+    low, high = shapes.text_ids
+
+    def words(n: int) -> list[int]:
+        return torch.randint(low, high, (n,), generator=g).tolist()
+
+    user, slice_word, digits = words(1), words(1), words(10)
+    prefix = [shapes.bos, shapes.start_of_turn, *user, shapes.newline, *words(40)]  # instruction
+    for n in range(1, shapes.slices + 1):
+        prefix += [shapes.double_newline, config.boi_token_id, *[config.image_token_id] * config.mm_tokens_per_image,
+                   config.eoi_token_id, shapes.double_newline, *slice_word, *(digits[int(d)] for d in str(n))]
+    model_word = words(1)
+    suffix = [shapes.end_of_turn, shapes.newline, shapes.start_of_turn, *model_word, shapes.newline]
+    topics = [words(28 + 2 * i) + suffix for i in range(shapes.topics)]  # unequal lengths: padding is exercised
+    questions = [words(18 + 3 * i) + suffix for i in range(shapes.questions)]
+    size = config.vision_config.image_size
+    pixels = (torch.rand(shapes.slices, 3, size, size, generator=g) * 2 - 1).to(device, dtype)
+    return StudyInputs(prefix, topics, questions, pixels, config.image_token_id)
+
+
+# --- Timing ------------------------------------------------------------------------------------
+
+
+class Clock:
+    """Marks on the device's timeline: CUDA events on a GPU (read after a synchronize), else wall time."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def mark(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def seconds(self, start, end) -> float:
+        if self.cuda:
+            end.synchronize()
+            return start.elapsed_time(end) / 1000.0
+        return end - start
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def peak_gib(device: torch.device) -> float | None:
+    return round(torch.cuda.max_memory_allocated(device) / GIB, 2) if device.type == "cuda" else None
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+COUNTS = {"vision_encodes": 0, "prefix_prefills": 0, "prompt_rows": 0}
+
+
+def encode_slices(decoder: Gemma3Decoder, pixel_values: torch.Tensor, batch: int) -> torch.Tensor:
+    """Soft tokens of every slice, ``batch`` slices per vision-tower call (as the engine does)."""
+    COUNTS["vision_encodes"] += 1
+    return torch.cat([decoder.image_features(pixel_values[i : i + batch]) for i in range(0, len(pixel_values), batch)])
+
+
+def counted_prefix(decoder: Gemma3Decoder, ids: list[int], features: torch.Tensor, layer: int | None):
+    COUNTS["prefix_prefills"] += 1
+    return prefill_prefix(decoder, torch.tensor(ids), features, layer)
+
+
+# --- Static-cache decoding (bench-local) -------------------------------------------------------
+
+
+class StaticDecode:
+    """Greedy decoding of prompted rows over fixed-size key/value buffers.
+
+    The same decoder layers, mask rule and cache contents as ``engines.medgemma_pruning.decode``
+    (slots attend by position and validity; a new token is text, so no image block applies),
+    but every step runs the same kernels on the same addresses: the step is captured once as a
+    CUDA graph and replayed. Sliding-window layers keep only the slots a new token can still
+    see (position > first new position - window), so 29 of the 34 layers read ~1k slots, not
+    the whole prefix.
+    """
+
+    def __init__(self, decoder: Gemma3Decoder, prompted: Prompted, steps: int, graph: bool = False,
+                 compile_step: bool = False) -> None:
+        self.decoder, self.steps = decoder, steps
+        cache = prompted.cache
+        device = decoder.device
+        self.rows = torch.arange(cache.rows, device=device)
+        self.kinds = sorted(set(decoder.layer_types))
+        first = int(prompted.next_pos.min())
+        self.columns = {}
+        for kind in self.kinds:
+            if kind == "sliding_attention" and decoder.window:
+                needed = (cache.valid & (cache.pos > first - decoder.window)).any(0)
+                self.columns[kind] = torch.nonzero(needed).squeeze(1)
+            else:
+                self.columns[kind] = torch.arange(cache.length, device=device)
+        self.base = {kind: len(cols) for kind, cols in self.columns.items()}
+        batch = len(self.rows)
+        attn = decoder.lm.layers[0].self_attn
+        kv_heads, dim = decoder.lm.config.num_key_value_heads, attn.head_dim
+        self.keys, self.values = [], []
+        for kind in decoder.layer_types:
+            shape = (batch, kv_heads, self.base[kind] + steps, dim)
+            self.keys.append(torch.zeros(shape, dtype=decoder.dtype, device=device))
+            self.values.append(torch.zeros(shape, dtype=decoder.dtype, device=device))
+        self.kv_pos = {k: torch.zeros(batch, self.base[k] + steps, dtype=torch.long, device=device) for k in self.kinds}
+        self.kv_valid = {k: torch.zeros(batch, self.base[k] + steps, dtype=torch.bool, device=device) for k in self.kinds}
+        self.token = torch.zeros(batch, dtype=torch.long, device=device)
+        self.pos = torch.zeros(batch, dtype=torch.long, device=device)
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)
+        self.base_index = {k: torch.tensor([b], device=device) for k, b in self.base.items()}
+        self.write_index = dict(self.base_index)
+        self.tokens = torch.zeros(batch, steps, dtype=torch.long, device=device)
+        self.entropies = torch.zeros(batch, steps, dtype=torch.float32, device=device)
+        self._start = (self.token.clone(), self.pos.clone())
+        self.step_fn = torch.compile(self._step, dynamic=False) if compile_step else self._step
+        self.graph, self.capture_error = None, None
+        self.load(prompted)
+        if graph:
+            try:
+                self._capture()
+            except Exception as exc:  # noqa: BLE001 - fall back to eager steps, say why
+                self.capture_error = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+                torch.cuda.synchronize()
+                self.graph = None
+                self.load(prompted)
+
+    def load(self, prompted: Prompted) -> None:
+        """Copy a prompted cache (same shapes as the first one) into the buffers; reset the state."""
+        cache, rows = prompted.cache, self.rows
+        for kind, cols in self.columns.items():
+            if cols.numel() and int(cols[-1]) >= cache.length:
+                raise ValueError("this prompted cache is shorter than the one the buffers were made for")
+        for i, kind in enumerate(self.decoder.layer_types):
+            cols, base = self.columns[kind], self.base[kind]
+            for buffer, source in ((self.keys[i], cache.keys[i]), (self.values[i], cache.values[i])):
+                buffer[:, :, :base].copy_(source.index_select(0, rows).index_select(2, cols))
+                buffer[:, :, base:].zero_()
+        first = prompted.next_pos[rows]
+        new = first[:, None] + torch.arange(self.steps, device=first.device)[None]
+        for kind, cols in self.columns.items():
+            base = self.base[kind]
+            self.kv_pos[kind][:, :base].copy_(cache.pos.index_select(0, rows).index_select(1, cols))
+            self.kv_pos[kind][:, base:].copy_(new)
+            self.kv_valid[kind][:, :base].copy_(cache.valid.index_select(0, rows).index_select(1, cols))
+            # New slots are valid from the start: a slot's position is only <= the query's
+            # once its token has been fed, so the causal rule hides the ones not written yet.
+            self.kv_valid[kind][:, base:] = True
+        probs = torch.softmax(prompted.next_logits[rows], -1)
+        self.tokens.zero_()
+        self.entropies.zero_()
+        self.tokens[:, 0] = probs.argmax(-1)
+        self.entropies[:, 0] = -(probs * probs.clamp(min=1e-30).log()).sum(-1)
+        self._start = (self.tokens[:, 0].clone(), first.clone())
+        self.reset()
+
+    def reset(self) -> None:
+        self.token.copy_(self._start[0])
+        self.pos.copy_(self._start[1])
+        self.slot.zero_()
+
+    # Gemma 3's attention modules call this with each layer's new key/value (one slot).
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        index = self.write_index[self.decoder.layer_types[layer_idx]]
+        self.keys[layer_idx].index_copy_(2, index, key_states)
+        self.values[layer_idx].index_copy_(2, index, value_states)
+        return self.keys[layer_idx], self.values[layer_idx]
+
+    def _step(self) -> None:
+        decoder = self.decoder
+        hidden = decoder.embed(self.token[:, None])
+        q_pos = self.pos[:, None]
+        self.write_index = {kind: self.base_index[kind] + self.slot for kind in self.kinds}
+        masks, rope = {}, {}
+        for kind in self.kinds:
+            mask = self.kv_valid[kind] & (self.kv_pos[kind] <= q_pos)
+            if kind == "sliding_attention" and decoder.window:
+                mask = mask & (self.kv_pos[kind] > q_pos - decoder.window)
+            masks[kind] = mask[:, None, None, :]
+            rope[kind] = decoder.lm.rotary_emb(hidden, q_pos, kind)
+        for i, layer in enumerate(decoder.lm.layers):
+            kind = decoder.layer_types[i]
+            hidden = layer(hidden, position_embeddings=rope[kind], attention_mask=masks[kind], position_ids=q_pos,
+                           cache=self)
+        probs = torch.softmax(decoder.logits(hidden[:, -1]), -1)
+        entropy = -(probs * probs.clamp(min=1e-30).log()).sum(-1)
+        token = probs.argmax(-1)
+        out = self.slot + 1
+        self.tokens.index_copy_(1, out, token[:, None])
+        self.entropies.index_copy_(1, out, entropy[:, None])
+        self.token.copy_(token)
+        self.pos.add_(1)
+        self.slot.add_(1)
+
+    def _capture(self) -> None:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):  # warm-up (and compilation) outside the capture
+                self.step_fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.reset()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.step_fn()
+        self.graph = graph
+        self.reset()
+
+    def run(self, steps: int | None = None) -> None:
+        """Decode ``steps`` tokens after the first (default: all); results in ``tokens``/``entropies``."""
+        for _ in range(self.steps - 1 if steps is None else steps):
+            if self.graph is not None:
+                self.graph.replay()
+            else:
+                self.step_fn()
+
+
+# --- Shared-keep pruning (bench-local variant) -------------------------------------------------
+
+
+def prefill_shared_keep(decoder: Gemma3Decoder, prefix_ids: list[int], features: torch.Tensor,
+                        prompts: list[list[int]], pruning: PruningConfig) -> Prompted:
+    """Like ``prefill_prefix`` + ``prefill_prompts`` with pruning, but one keep set for all prompts.
+
+    The prompts run to the pruning layer on the full prefix and score the image tokens; their
+    mean saliency picks one set; the kept prefix runs the remaining layers once (batch 1) and the
+    prompts run them on it. With one prompt it is exactly the engine's pruning.
+    """
+    layer = pruning.layer_for(decoder.num_layers)
+    prefix = counted_prefix(decoder, prefix_ids, features, layer)
+    device, n = decoder.device, len(prompts)
+    longest = max(map(len, prompts))
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    ids = torch.tensor([p + [0] * (longest - len(p)) for p in prompts], device=device)
+    valid = torch.arange(longest, device=device)[None] < lengths[:, None]
+    pos = (prefix.length + torch.arange(longest, device=device))[None].expand(n, -1)
+    block = torch.full_like(ids, -1)
+    cache = prefix.cache
+    # 1. The prompts up to the pruning layer, on a per-prompt copy of the (full) prefix.
+    scoring = TokenCache(decoder.num_layers)
+    scoring.keys, scoring.values = list(cache.keys), list(cache.values)
+    scoring.pos, scoring.valid, scoring.block = cache.pos, cache.valid, cache.block
+    scoring.select_rows(torch.zeros(n, dtype=torch.long, device=device))
+    scoring.add_slots(pos, valid, block)
+    hidden = decoder.run_layers(decoder.embed(ids), pos, block, scoring, 0, layer)
+    # 2. One keep set from the prompts' mean saliency.
+    image_slots = torch.nonzero(prefix.is_image).squeeze(1)
+    _, k_image = decoder.queries_keys(layer, prefix.hidden[:, image_slots], cache.pos[:, image_slots])
+    q_prompt, k_prompt = decoder.queries_keys(layer, hidden, pos)
+    scores = [saliency(q_prompt[r, :, :m], k_prompt[r, :, :m], k_image[0], decoder.scaling(layer))
+              for r, m in enumerate(lengths.tolist())]
+    keep = keep_tokens(torch.stack(scores).mean(0), pruning)
+    slots = ~prefix.is_image.clone()
+    slots[image_slots[keep]] = True
+    index = torch.nonzero(slots).squeeze(1)[None]
+    # 3. The kept prefix runs the remaining layers once.
+    cache.gather_slots(index, torch.ones_like(index, dtype=torch.bool))
+    decoder.run_layers(prefix.hidden[:, index[0]], cache.pos, cache.block, cache, layer, decoder.num_layers)
+    # 4. The prompts: their first layers' keys/values from step 1, the rest on the kept prefix.
+    cache.select_rows(torch.zeros(n, dtype=torch.long, device=device))
+    cache.add_slots(pos, valid, block)
+    for i in range(layer):
+        cache.keys[i] = torch.cat([cache.keys[i], scoring.keys[i][:, :, -longest:]], 2)
+        cache.values[i] = torch.cat([cache.values[i], scoring.values[i][:, :, -longest:]], 2)
+    del scoring
+    out = decoder.run_layers(hidden, pos, block, cache, layer, decoder.num_layers)
+    last = out[torch.arange(n, device=device), lengths - 1]
+    share = float(keep.float().mean()) if keep.numel() else 1.0
+    return Prompted(cache, decoder.logits(last), prefix.length + lengths, [share] * n)
+
+
+# --- The measurements --------------------------------------------------------------------------
+
+
+class Run:
+    """The figures of one invocation, written to JSON after every stage."""
+
+    def __init__(self, path: Path, meta: dict) -> None:
+        self.path = path
+        self.data = {**meta, "complete": False, "stages": {}, "errors": [], "skipped": []}
+        self.t0 = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def save(self) -> None:
+        self.data["elapsed_s"] = round(self.elapsed(), 1)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=1, default=str))
+        tmp.replace(self.path)
+
+    def log(self, text: str) -> None:
+        print(f"[{self.elapsed():6.1f} s] {text}", flush=True)
+
+    def error(self, stage: str, exc: BaseException) -> None:
+        line = f"{type(exc).__name__}: {' '.join(str(exc).split())[:400]}"
+        self.data["errors"].append({"stage": stage, "error": line})
+        self.log(f"{stage} FAILED: {line}")
+        traceback.print_exc(limit=4)
+        self.save()
+        gc.collect()  # an out-of-memory stage must not leave its tensors to the next one
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def sdpa_probe(device: torch.device, dtype: torch.dtype, n: int = 4096) -> dict:
+    """Which SDPA kernels take a boolean mask at head_dim 256 (the prefill's case), and how fast."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    heads, dim = 8, 256
+    q, k, v = (torch.randn(1, heads, n, dim, device=device, dtype=dtype) for _ in range(3))
+    mask = torch.ones(n, n, dtype=torch.bool, device=device).tril()[None, None]
+    out = {"shape": [1, heads, n, dim]}
+    clock = Clock(device)
+    backends = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
+    with warnings.catch_warnings():  # a refusing kernel explains itself at length
+        warnings.simplefilter("ignore")
+        for label, use_mask in (("bool_mask", True), ("is_causal", False)):
+            def call(use_mask: bool = use_mask) -> torch.Tensor:
+                if use_mask:
+                    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+                return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+            row = {}
+            for name, backend in [("default", None), *backends.items()]:
+                try:
+                    timings = []
+                    for _ in range(6):  # the first is a warm-up
+                        start = clock.mark()
+                        if backend is None:
+                            call()
+                        else:
+                            with sdpa_kernel([backend]):
+                                call()
+                        timings.append(clock.seconds(start, clock.mark()))
+                    row[name] = round(median(timings[1:]) * 1000, 3)
+                except Exception as exc:  # noqa: BLE001 - a kernel that refuses is the finding
+                    row[name] = f"refused: {' '.join(str(exc).split())[:120]}"
+            out[label + "_ms"] = row
+    return out
+
+
+def readout_study(decoder: Gemma3Decoder, inputs: StudyInputs, shapes: Shapes, pruning: PruningConfig,
+                  clock: Clock, *, shared_keep: bool = False, static: StaticDecode | None = None,
+                  graph: bool = False, decode_steps: bool = True) -> tuple[dict, StaticDecode | None, Prompted]:
+    """One study on Readout's path; returns its phase times and the static decoder (made on first use)."""
+    before = dict(COUNTS)
+    layer = pruning.layer_for(decoder.num_layers) if pruning.active else None
+    t0 = clock.mark()
+    features = encode_slices(decoder, inputs.pixel_values, shapes.vision_batch)
+    t1 = clock.mark()
+    COUNTS["prompt_rows"] += len(inputs.topics)
+    if shared_keep:
+        prompted = prefill_shared_keep(decoder, inputs.prefix, features, inputs.topics, pruning)
+        t2 = t1
+    else:
+        prefix = counted_prefix(decoder, inputs.prefix, features, layer)
+        t2 = clock.mark()
+        prompted = prefill_prompts(decoder, prefix, inputs.topics, pruning)
+    t3 = clock.mark()
+    if decode_steps:
+        if static is None:
+            static = StaticDecode(decoder, prompted, shapes.new_tokens, graph=graph)
+        else:
+            static.load(prompted)
+        static.run()
+    t4 = clock.mark()
+    times = {"vision_s": clock.seconds(t0, t1), "prefill_s": clock.seconds(t1, t3), "decode_s": clock.seconds(t3, t4),
+             "total_s": clock.seconds(t0, t4)}
+    if not shared_keep:
+        times["prefix_prefill_s"], times["prompts_prefill_s"] = clock.seconds(t1, t2), clock.seconds(t2, t3)
+    times["counts"] = {k: COUNTS[k] - before[k] for k in COUNTS}
+    return times, static, prompted
+
+
+def summarize(runs: list[dict]) -> dict:
+    keys = [k for k in runs[0] if k.endswith("_s")]
+    out = {k: round(median([r[k] for r in runs]), 4) for k in keys}
+    out["runs"] = [{k: round(r[k], 4) for k in keys} for r in runs]
+    out["counts_per_study"] = runs[-1]["counts"]
+    return out
+
+
+def measure_readout(run: Run, key: str, decoder: Gemma3Decoder, inputs: StudyInputs, shapes: Shapes,
+                    pruning: PruningConfig, clock: Clock, device: torch.device, use_graph: bool,
+                    shared_keep: bool = False) -> None:
+    """(b) or (c): warm-up + repeats of one study; then decode per step at batch 8 (static and loop)."""
+    reset_peak(device)
+    stage: dict = {"keep": pruning.keep_value if pruning.active else 1.0, "rule": pruning.keep,
+                   "shared_keep": shared_keep}
+    run.data["stages"][key] = stage
+    decode_steps = not shared_keep  # the shared-keep variant is about prefill only
+    times, static, prompted = readout_study(decoder, inputs, shapes, pruning, clock, shared_keep=shared_keep,
+                                            graph=use_graph, decode_steps=decode_steps)
+    stage["warmup_s"] = round(times["total_s"], 3)
+    if static is not None:
+        stage["decode_impl"] = "static cache + CUDA graph" if static.graph is not None else "static cache, eager"
+        stage["static_slots"] = dict(static.base)
+        if static.capture_error:
+            stage["capture_error"] = static.capture_error
+    stage["kept_ratio"] = prompted.kept_ratio
+    stage["context_slots"] = prompted.cache.length
+    del prompted
+    runs = []
+    for _ in range(shapes.repeats):
+        times, static, prompted = readout_study(decoder, inputs, shapes, pruning, clock, shared_keep=shared_keep,
+                                                static=static, decode_steps=decode_steps)
+        runs.append(times)
+        del prompted
+    stage.update(summarize(runs))
+    if static is not None:
+        stage["decode_ms_per_step"] = round(stage["decode_s"] / max(1, shapes.new_tokens - 1) * 1000, 3)
+        stage["decode_batch"] = len(static.rows)
+    del static
+    stage["peak_gib"] = peak_gib(device)
+    run.log(f"{key}: " + ", ".join(f"{k} {stage[k]:.3f}" for k in ("vision_s", "prefill_s", "decode_s", "total_s")
+                                   if k in stage) + f"; kept {stage['kept_ratio']}")
+    run.save()
+    if not decode_steps:
+        return
+    if key == "b":  # Readout's shipped decode loop on the same study (batch 5), fewer steps: per step only
+        try:
+            loop_ms = time_loop(decoder, inputs, inputs.topics, shapes, pruning, clock)
+            stage["loop_decode_ms_per_step"] = round(loop_ms, 3)
+            stage["loop_decode_s_extrapolated"] = round(loop_ms * (shapes.new_tokens - 1) / 1000, 3)
+            run.log(f"{key}: Readout's decode loop (batch {len(inputs.topics)}) {loop_ms:.2f} ms/step")
+        except Exception as exc:  # noqa: BLE001
+            run.error(f"{key}/loop", exc)
+    # Batch 8 (5 topics + 3 questions): static cache (+ graph) and the shipped loop.
+    prompts = inputs.topics + inputs.questions
+    try:
+        stage["batch8"] = time_batch8(decoder, inputs, prompts, shapes, pruning, clock, use_graph)
+        run.log(f"{key}: batch {len(prompts)} decode {stage['batch8']}")
+    except Exception as exc:  # noqa: BLE001
+        run.error(f"{key}/batch8", exc)
+    stage["peak_gib"] = peak_gib(device)
+    run.save()
+
+
+_FEATURES: dict[int, torch.Tensor] = {}
+
+
+def _prompted(decoder: Gemma3Decoder, inputs: StudyInputs, prompts: list[list[int]], pruning: PruningConfig,
+              shapes: Shapes) -> Prompted:
+    """Prompts prefilled on the study's prefix, outside the timed studies (slices encoded once, kept)."""
+    key = id(inputs.pixel_values)
+    if key not in _FEATURES:
+        _FEATURES[key] = encode_slices(decoder, inputs.pixel_values, shapes.vision_batch)
+    features = _FEATURES[key]
+    layer = pruning.layer_for(decoder.num_layers) if pruning.active else None
+    prefix = counted_prefix(decoder, inputs.prefix, features, layer)
+    return prefill_prompts(decoder, prefix, prompts, pruning)
+
+
+def time_loop(decoder: Gemma3Decoder, inputs: StudyInputs, prompts: list[list[int]], shapes: Shapes,
+              pruning: PruningConfig, clock: Clock) -> float:
+    """ms per step of ``engines.medgemma_pruning.decode`` (prefill excluded; no stop token)."""
+    steps = min(shapes.loop_steps, shapes.new_tokens)
+    prompted = _prompted(decoder, inputs, prompts, pruning, shapes)
+    start = clock.mark()
+    decode(decoder, prompted, rollouts=1, max_new_tokens=steps, stop_ids={-1})
+    return clock.seconds(start, clock.mark()) / max(1, steps - 1) * 1000
+
+
+def time_batch8(decoder: Gemma3Decoder, inputs: StudyInputs, prompts: list[list[int]], shapes: Shapes,
+                pruning: PruningConfig, clock: Clock, use_graph: bool, compile_step: bool = False) -> dict:
+    """ms per step at batch ``len(prompts)``: the static cache (graph, compiled) and Readout's loop."""
+    steps = shapes.b8_steps
+    prompted = _prompted(decoder, inputs, prompts, pruning, shapes)
+    t0 = time.perf_counter()
+    static = StaticDecode(decoder, prompted, steps + 1, graph=use_graph, compile_step=compile_step)
+    setup_s = time.perf_counter() - t0
+    per_step = []
+    for _ in range(shapes.repeats):
+        static.reset()
+        start = clock.mark()
+        static.run(steps)
+        per_step.append(clock.seconds(start, clock.mark()) / steps * 1000)
+    out = {"batch": len(static.rows), "static_ms_per_step": round(median(per_step), 3),
+           "static_impl": ("static cache + CUDA graph" if static.graph is not None else "static cache, eager")
+           + (" + torch.compile" if compile_step else ""), "setup_s": round(setup_s, 2)}
+    del static
+    if not compile_step:
+        loop_steps = min(shapes.loop_steps, steps)
+        start = clock.mark()
+        decode(decoder, prompted, rollouts=1, max_new_tokens=loop_steps, stop_ids={-1})
+        out["loop_ms_per_step"] = round(clock.seconds(start, clock.mark()) / max(1, loop_steps - 1) * 1000, 3)
+    return out
+
+
+def measure_naive(run: Run, model, inputs: StudyInputs, shapes: Shapes, clock: Clock, device: torch.device,
+                  budget_s: float) -> None:
+    """(a) HF generate, dynamic cache, one topic at a time (each re-encodes and re-prefills)."""
+    reset_peak(device)
+    stage: dict = {"decode_impl": "HF generate, dynamic cache, batch 1"}
+    run.data["stages"]["naive"] = stage
+    image_id = model.config.image_token_id
+    calls = {"n": 0, "prefills": 0}
+    inner = model.model.get_image_features
+
+    @functools.wraps(inner)  # generate reads its signature to find the pixel arguments
+    def counted(*args, **kwargs):
+        calls["n"] += 1
+        return inner(*args, **kwargs)
+
+    model.model.get_image_features = counted
+
+    def count_prefill(module, args, kwargs) -> None:  # a language-model call on more than one token
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is not None and embeds.shape[1] > 1:
+            calls["prefills"] += 1
+
+    hook = model.model.language_model.register_forward_pre_hook(count_prefill, with_kwargs=True)
+
+    def generate(own: list[int], new: int) -> tuple[float, int]:
+        ids = torch.tensor([inputs.prefix + own], device=device)
+        start = clock.mark()
+        out = model.generate(input_ids=ids, pixel_values=inputs.pixel_values, attention_mask=torch.ones_like(ids),
+                             token_type_ids=(ids == image_id).long(), max_new_tokens=new, do_sample=False)
+        return clock.seconds(start, clock.mark()), out.shape[1] - ids.shape[1]
+
+    try:
+        generate(inputs.topics[0], 2)  # warm-up
+        vision = []
+        for _ in range(2):
+            start = clock.mark()
+            model.model.get_image_features(inputs.pixel_values)
+            vision.append(clock.seconds(start, clock.mark()))
+        first = [generate(inputs.topics[0], 1)[0] for _ in range(2)]
+        calls["n"] = calls["prefills"] = 0
+        topic_times, generated = [], []
+        deadline = run.t0 + budget_s
+        for i, own in enumerate(inputs.topics):
+            seconds, n = generate(own, shapes.new_tokens)
+            topic_times.append(seconds)
+            generated.append(n)
+            run.log(f"naive: topic {i + 1} {seconds:.2f} s ({n} tokens)")
+            # Every topic is the same work; stop early rather than run out of time.
+            if time.perf_counter() + seconds > deadline and i + 1 < len(inputs.topics):
+                run.data["skipped"].append(f"naive: {len(inputs.topics) - i - 1} topics extrapolated (time budget)")
+                break
+        per_topic = median(topic_times)
+        vision_s, first_s = median(vision), median(first)
+        stage.update({
+            "vision_s": round(vision_s, 4), "prefill_s": round(first_s - vision_s, 4),
+            "decode_s": round((per_topic - first_s) * len(inputs.topics), 4),
+            "decode_ms_per_step": round((per_topic - first_s) / max(1, shapes.new_tokens - 1) * 1000, 3),
+            "topic_total_s": round(per_topic, 4), "total_s": round(per_topic * len(inputs.topics), 4),
+            "topics_measured": len(topic_times), "topic_runs_s": [round(t, 3) for t in topic_times],
+            "generated_tokens": generated,
+            "counts_per_study": {k: calls[c] * len(inputs.topics) // len(topic_times)
+                                 for k, c in (("vision_encodes", "n"), ("prefix_prefills", "prefills"))},
+            "phases_note": "vision and prefill are per topic; x5 per study",
+        })
+        stage["vision_study_s"] = round(vision_s * len(inputs.topics), 4)
+        stage["prefill_study_s"] = round((first_s - vision_s) * len(inputs.topics), 4)
+    finally:
+        model.model.get_image_features = inner
+        hook.remove()
+    stage["peak_gib"] = peak_gib(device)
+    run.log(f"naive: study {stage['total_s']:.2f} s (per topic {stage['topic_total_s']:.2f} s)")
+    run.save()
+
+
+def measure_hf_static(run: Run, model, decoder: Gemma3Decoder, inputs: StudyInputs, shapes: Shapes, clock: Clock,
+                      device: torch.device) -> None:
+    """HF generate with cache_implementation="static" on 8 copies of one prompt (decode per step only)."""
+    reset_peak(device)
+    stage: dict = {"decode_impl": 'HF generate, cache_implementation="static" (auto torch.compile)'}
+    run.data["stages"]["hf_static"] = stage
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    # generate takes no inputs_embeds for Gemma 3: the slices' features go in pre-encoded (once).
+    ids = torch.tensor([inputs.prefix + inputs.topics[0]] * 8, device=device)
+    features = encode_slices(decoder, inputs.pixel_values, shapes.vision_batch)
+    encoded = {"image": BaseModelOutputWithPooling(pooler_output=features.repeat(8, 1, 1))}
+    kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "mm_encoder_outputs": encoded,
+              "token_type_ids": (ids == model.config.image_token_id).long(), "do_sample": False,
+              "cache_implementation": "static"}
+    steps = shapes.b8_steps
+    t0 = time.perf_counter()
+    model.generate(**kwargs, max_new_tokens=4)  # compilation
+    stage["first_call_s"] = round(time.perf_counter() - t0, 1)
+
+    def timed(new: int) -> float:
+        start = clock.mark()
+        model.generate(**kwargs, max_new_tokens=new)
+        return clock.seconds(start, clock.mark())
+
+    one, many = timed(1), timed(steps + 1)
+    stage.update({"batch": 8, "prefill_batch8_s": round(one, 3), "ms_per_step": round((many - one) / steps * 1000, 3)})
+    stage["peak_gib"] = peak_gib(device)
+    run.log(f"hf_static: {stage}")
+    run.save()
+
+
+def check_static_matches_loop(decoder: Gemma3Decoder, inputs: StudyInputs, shapes: Shapes,
+                              pruning: PruningConfig, use_graph: bool) -> dict:
+    """The static decoder against Readout's loop on the same prompts: tokens and entropies."""
+    steps = min(shapes.new_tokens, 16)
+    prompted = _prompted(decoder, inputs, inputs.topics, pruning, shapes)
+    static = StaticDecode(decoder, prompted, steps, graph=use_graph)
+    static.run()
+    ours, ours_h = static.tokens.tolist(), static.entropies.cpu()
+    theirs = decode(decoder, prompted, rollouts=1, max_new_tokens=steps, stop_ids={-1})
+    out = {"tokens_equal": ours == theirs.tokens, "steps": steps,
+           "max_entropy_diff": (ours_h - torch.tensor(theirs.entropies)).abs().max().item(),
+           "graph": static.graph is not None}
+    if static.capture_error:
+        out["capture_error"] = static.capture_error
+    if static.graph is not None:  # the graph must replay the eager step exactly
+        static.graph = None
+        static.load(_prompted(decoder, inputs, inputs.topics, pruning, shapes))
+        static.run()
+        out["graph_equals_eager"] = static.tokens.tolist() == ours
+    return out
+
+
+def check_shared_keep(decoder: Gemma3Decoder, inputs: StudyInputs, shapes: Shapes, pruning: PruningConfig) -> dict:
+    """With one prompt the shared-keep variant must be the engine's pruning exactly."""
+    features = encode_slices(decoder, inputs.pixel_values, shapes.vision_batch)
+    one = inputs.topics[:1]
+    ours = prefill_shared_keep(decoder, inputs.prefix, features, one, pruning)
+    prefix = counted_prefix(decoder, inputs.prefix, features, pruning.layer_for(decoder.num_layers))
+    engine = prefill_prompts(decoder, prefix, one, pruning)
+    diff = (ours.next_logits - engine.next_logits).abs().max().item()
+    return {"max_logit_diff": diff, "kept": ours.kept_ratio[0], "engine_kept": engine.kept_ratio[0],
+            "cache_slots": [ours.cache.length, engine.cache.length]}
+
+
+# --- Report ------------------------------------------------------------------------------------
+
+
+def targets(data: dict) -> list[dict]:
+    stages = data.get("stages", {})
+    b = stages.get("b", {})
+    rows = []
+    value = b.get("total_s")
+    rows.append({"target": "(b) study <= 2.5 s", "value": value, "unit": "s",
+                 "pass": None if value is None else value <= TARGETS["study_s"]})
+    b8 = b.get("batch8", {})
+    candidates = [v for v in (b8.get("static_ms_per_step"), stages.get("b_compiled", {}).get("static_ms_per_step"))
+                  if v is not None]
+    value = min(candidates) if candidates else None
+    rows.append({"target": "decode <= 10 ms/step at batch 8", "value": value, "unit": "ms",
+                 "pass": None if value is None else value <= TARGETS["decode_b8_ms"]})
+    for key, label in (("c25", "(c) prefill cut >= 3x at 25% kept"),
+                       ("c25_shared", "(c') shared keep, prefill cut >= 3x at 25% kept (bench variant)")):
+        stage = stages.get(key, {})
+        value = (b["prefill_s"] / stage["prefill_s"]) if "prefill_s" in b and stage.get("prefill_s") else None
+        if key == "c25_shared" and not stage:
+            continue
+        rows.append({"target": label, "value": None if value is None else round(value, 2), "unit": "x",
+                     "pass": None if value is None else value >= TARGETS["prefill_cut_25"]})
+    return rows
+
+
+def _f(value, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.{digits}f}" if isinstance(value, (int, float)) else str(value)
+
+
+def render(data: dict) -> str:
+    stages = data.get("stages", {})
+    cfg = data.get("shapes", {})
+    b = stages.get("b", {})
+    head = (f"{data.get('date', '?')}; {data.get('device', '?')}, torch {data.get('torch', '?')}, transformers "
+            f"{data.get('transformers', '?')}, Python {data.get('python', '?')}; code {data.get('commit', '?')}; "
+            f"`{data.get('command', '?')}`; {'toy shapes' if data.get('toy') else 'MedGemma-1.5-4B shapes'}, random "
+            f"weights, {data.get('dtype', '?')}, SDPA; {cfg.get('slices')} slices ({data.get('prefix_tokens')} prefix "
+            f"tokens, {data.get('image_tokens')} image), {cfg.get('topics')} topics x {cfg.get('new_tokens')} new "
+            f"tokens (greedy, no early stop); median of {cfg.get('repeats')} after a warm-up; {data.get('elapsed_s')} s "
+            f"in all, model ({_f(data.get('params', 0) / 1e9)} B parameters) built on the device in "
+            f"{data.get('build_s')} s{'' if data.get('complete') else '; INCOMPLETE: cut short, see the JSON'}.")
+    lines = [("| path | vision s | prefill s | decode s | total s | decode ms/step (batch) | image tokens kept | "
+              "vision encodes / prefix prefills per study | peak GiB |"), "|---|" + "---|" * 8]
+    rows = [("naive", "(a) naive: HF generate, dynamic cache, topic by topic"),
+            ("b", "(b) Readout: prefix prefilled once, topics batched"),
+            ("c50", "(c) (b) + pruning, 50% kept"), ("c25", "(c) (b) + pruning, 25% kept"),
+            ("c50_shared", "(c') shared keep, 50% (bench variant)"), ("c25_shared", "(c') shared keep, 25% (bench variant)")]
+    for key, label in rows:
+        s = stages.get(key)
+        if not s:
+            continue
+        if key == "naive":
+            vision, prefill = s.get("vision_study_s"), s.get("prefill_study_s")
+            batch, kept = 1, "100%"
+        else:
+            vision, prefill = s.get("vision_s"), s.get("prefill_s")
+            batch = s.get("decode_batch", "-")
+            kept = "100%" if s.get("keep", 1.0) == 1.0 else (
+                f"{statistics.mean(s['kept_ratio']):.0%}" if s.get("kept_ratio") else "-")
+        counts = s.get("counts_per_study", {})
+        step = s.get("decode_ms_per_step")
+        decode_s = s.get("decode_s") if "decode_ms_per_step" in s else None
+        total = s.get("total_s") if "decode_ms_per_step" in s else None
+        impl = f" ({s['decode_impl']})" if s.get("decode_impl") and key != "naive" else ""
+        lines.append(f"| {label}{impl} | {_f(vision)} | {_f(prefill, 3)} | {_f(decode_s)} | {_f(total)} | "
+                     f"{_f(step)} ({batch}) | {kept} | {counts.get('vision_encodes', '-')} / "
+                     f"{counts.get('prefix_prefills', '-')} | {_f(s.get('peak_gib'), 1)} |")
+    out = [head, "", *lines]
+    b8_rows = ["| path | static cache ms/step | Readout's decode loop ms/step | static slots (full / sliding layers) |",
+               "|---|---|---|---|"]
+    for key in ("b", "c50", "c25"):
+        s = stages.get(key, {})
+        if "batch8" in s:
+            slots = s.get("static_slots", {})
+            b8_rows.append(f"| {key} ({s['batch8']['static_impl']}) | {_f(s['batch8']['static_ms_per_step'])} | "
+                           f"{_f(s['batch8'].get('loop_ms_per_step'))} | {slots.get('full_attention', '-')} / "
+                           f"{slots.get('sliding_attention', '-')} |")
+    compiled = stages.get("b_compiled", {})
+    if "static_ms_per_step" in compiled:
+        b8_rows.append(f"| b ({compiled['static_impl']}) | {_f(compiled['static_ms_per_step'])} | - | - |")
+    hf = stages.get("hf_static", {})
+    if "ms_per_step" in hf:
+        b8_rows.append(f"| b, HF generate static cache (first call {hf.get('first_call_s')} s) | "
+                       f"{_f(hf['ms_per_step'])} | - | - |")
+    if len(b8_rows) > 2:
+        out += ["", "Decode per step at batch 8 (5 topics + 3 questions):", "", *b8_rows]
+    if "loop_decode_ms_per_step" in b:
+        out += ["", (f"Readout's shipped decode loop (`engines.medgemma_pruning.decode`) on the study (batch "
+                     f"{cfg.get('topics')}): {_f(b['loop_decode_ms_per_step'])} ms/step, "
+                     f"{_f(b.get('loop_decode_s_extrapolated'))} s for {cfg.get('new_tokens')} tokens.")]
+    split = [f"{key} {_f(stages[key]['prefix_prefill_s'], 3)} + {_f(stages[key]['prompts_prefill_s'], 3)} s"
+             for key in ("b", "c50", "c25") if "prefix_prefill_s" in stages.get(key, {})]
+    if split:
+        out += ["", f"Prefill split, shared prefix + {cfg.get('topics')} prompts (with pruning: prefix up to layer "
+                    f"{data.get('pruning_layer')}, then per prompt scoring and the remaining layers on its kept "
+                    f"tokens): " + "; ".join(split) + "."]
+    probe = data.get("sdpa_probe", {})
+    if probe:
+        cells = "; ".join(f"{label}: " + ", ".join(f"{k} {'refused' if isinstance(v, str) else _f(v)}"
+                                                   for k, v in probe.get(f"{label}_ms", {}).items())
+                          for label in ("bool_mask", "is_causal"))
+        out += ["", (f"SDPA alone at {probe.get('shape')}, bf16, ms (refused: the kernel does not take it; reasons "
+                     f"in the JSON): {cells}.")]
+    out += ["", "| target | value | result |", "|---|---|---|"]
+    for row in targets(data):
+        result = "-" if row["pass"] is None else ("PASS" if row["pass"] else "MISS")
+        out.append(f"| {row['target']} | {_f(row['value'])} {row['unit']} | {result} |")
+    checks = data.get("checks", {})
+    if checks:
+        out += ["", "Checks: " + "; ".join(f"{k} {json.dumps(v)}" for k, v in checks.items())]
+    if data.get("errors"):
+        out += ["", "Errors: " + "; ".join(f"{e['stage']}: {e['error']}" for e in data["errors"])]
+    if data.get("skipped"):
+        out += ["", "Skipped: " + "; ".join(data["skipped"])]
+    return "\n".join(out)
+
+
+def record(text: str) -> None:
+    existing = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
+    if SECTION not in existing:
+        existing = existing.rstrip("\n") + f"\n\n{SECTION}\n"
+    RESULTS.write_text(existing.rstrip("\n") + "\n\n" + text + "\n")
+
+
+def commit() -> str:
+    try:
+        out = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             timeout=10, check=False)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor() or "CPU")
+    return f"CPU ({cpu}, nproc {len(os.sched_getaffinity(0))})"
+
+
+def default_json() -> Path:
+    out = os.environ.get("OUT")
+    return Path(out) / "gpu_medgemma.json" if out else ROOT / "bench" / "out" / "gpu_medgemma.json"
+
+
+def preflight(run: Run) -> dict:
+    """The toy shapes on this GPU in a child process: does graph capture (and compile) work here?"""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "toy.json"
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--toy", "--json", str(path), "--no-naive"]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=150, check=False)
+        except subprocess.TimeoutExpired:
+            return {"ok": False, "why": "toy run timed out"}
+        if not path.exists():
+            return {"ok": False, "why": f"toy run wrote nothing (rc {proc.returncode}): {proc.stderr[-600:]}"}
+        toy = json.loads(path.read_text())
+    checks = toy.get("checks", {}).get("static_vs_loop", {})
+    return {"ok": proc.returncode == 0 and not toy.get("errors"), "rc": proc.returncode, "graph": checks.get("graph"),
+            "graph_equals_eager": checks.get("graph_equals_eager"), "errors": toy.get("errors"),
+            "elapsed_s": toy.get("elapsed_s")}
+
+
+# --- Main --------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--toy", action="store_true", help="tiny shapes (CPU in seconds); prints, never records")
+    parser.add_argument("--json", type=Path, default=None, help="raw figures (default $OUT/gpu_medgemma.json or "
+                                                               "bench/out/gpu_medgemma.json)")
+    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd decode step")
+    parser.add_argument("--no-graph", action="store_true", help="static cache without CUDA graph capture")
+    parser.add_argument("--no-naive", action="store_true", help="skip (a)")
+    parser.add_argument("--no-preflight", action="store_true", help="skip the toy run on the GPU before the real one")
+    parser.add_argument("--hf-static", action="store_true",
+                        help='also time HF generate(cache_implementation="static") at batch 8 (~2 min: compilation)')
+    parser.add_argument("--budget-s", type=float, default=None, help="time budget for the whole run (default 330; "
+                                                                     "toy 120)")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--slices", type=int, default=None)
+    parser.add_argument("--new-tokens", type=int, default=None)
+    parser.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
+    parser.add_argument("--commit", default=None, help="code version to record where the copy has no .git "
+                                                       "(default: git rev-parse --short HEAD)")
+    parser.add_argument("--from-json", type=Path, default=None, help="render (and record) a saved run; runs nothing")
+    args = parser.parse_args(argv)
+
+    if args.from_json:
+        data = json.loads(args.from_json.read_text())
+        text = render(data)
+        print(text)
+        if not data.get("toy") and not args.no_record:
+            record(text)
+        return 0
+
+    shapes = TOY if args.toy else REAL
+    overrides = {k: v for k, v in (("repeats", args.repeats), ("slices", args.slices), ("new_tokens", args.new_tokens))
+                 if v is not None}
+    if overrides:
+        shapes = Shapes(**{**asdict(shapes), **overrides})
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    budget = args.budget_s or (120.0 if args.toy else 330.0)
+    cuda = device.type == "cuda"
+    use_graph = cuda and not args.no_graph
+    if not cuda:
+        torch.set_num_threads(len(os.sched_getaffinity(0)))
+    command = " ".join(["python bench/gpu_medgemma.py", *(argv if argv is not None else sys.argv[1:])])
+    run = Run(args.json or default_json(), {
+        "toy": args.toy, "device": device_name(device), "torch": torch.__version__,
+        "transformers": transformers.__version__, "python": platform.python_version(), "commit": args.commit or commit(),
+        "date": f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC", "command": command,
+        "dtype": str(dtype).replace("torch.", ""), "shapes": asdict(shapes), "budget_s": budget, "checks": {}})
+    run.log(f"{run.data['device']}, torch {torch.__version__}, transformers {transformers.__version__}; "
+            f"{'toy' if args.toy else 'real'} shapes; JSON -> {run.path}")
+    run.save()
+
+    if cuda and not args.toy and use_graph and not args.no_preflight:
+        result = preflight(run)
+        run.data["checks"]["preflight_toy"] = result
+        run.log(f"preflight (toy shapes on this GPU): {result}")
+        if not result.get("graph"):
+            use_graph = False
+            run.data["skipped"].append("CUDA graphs: the toy preflight could not capture one")
+        run.save()
+
+    torch.set_grad_enabled(False)
+    t = time.perf_counter()
+    config = toy_config() if args.toy else real_config()
+    model = build_model(config, device, dtype)
+    decoder = Gemma3Decoder(model)
+    inputs = build_inputs(model, shapes, device, dtype)
+    if cuda:
+        torch.cuda.synchronize()
+    params = sum(p.numel() for p in model.parameters())
+    run.data.update({"build_s": round(time.perf_counter() - t, 1), "params": params,
+                     "prefix_tokens": len(inputs.prefix), "image_tokens": inputs.image_tokens,
+                     "topic_tokens": [len(p) for p in inputs.topics],
+                     "question_tokens": [len(p) for p in inputs.questions],
+                     "layers": decoder.num_layers, "layer_types": decoder.layer_types,
+                     "pruning_layer": PruningConfig(keep="ratio").layer_for(decoder.num_layers)})
+    run.log(f"model built: {params / 1e9:.2f} B parameters in {run.data['build_s']} s; prefix {len(inputs.prefix)} "
+            f"tokens ({inputs.image_tokens} image)")
+    run.save()
+    clock = Clock(device)
+
+    with torch.inference_mode():
+        if cuda:
+            try:
+                run.data["sdpa_probe"] = sdpa_probe(device, dtype)
+                run.log(f"SDPA probe: {run.data['sdpa_probe']}")
+            except Exception as exc:  # noqa: BLE001
+                run.error("sdpa_probe", exc)
+        configs = [("b", PruningConfig(), False), ("c50", PruningConfig(keep="ratio", keep_value=0.5), False),
+                   ("c25", PruningConfig(keep="ratio", keep_value=0.25), False),
+                   ("c50_shared", PruningConfig(keep="ratio", keep_value=0.5), True),
+                   ("c25_shared", PruningConfig(keep="ratio", keep_value=0.25), True)]
+        for key, pruning, shared in configs:
+            if shared and run.elapsed() > budget * 0.55:
+                run.data["skipped"].append(f"{key}: time budget")
+                continue
+            try:
+                measure_readout(run, key, decoder, inputs, shapes, pruning, clock, device, use_graph, shared)
+            except Exception as exc:  # noqa: BLE001
+                run.error(key, exc)
+
+        try:
+            run.data["checks"]["static_vs_loop"] = check_static_matches_loop(decoder, inputs, shapes,
+                                                                             PruningConfig(), use_graph)
+            run.data["checks"]["shared_keep_one_prompt"] = check_shared_keep(
+                decoder, inputs, shapes, PruningConfig(keep="ratio", keep_value=0.25))
+            run.log(f"checks: {run.data['checks']}")
+            run.save()
+        except Exception as exc:  # noqa: BLE001
+            run.error("checks", exc)
+
+        if not args.no_naive:
+            try:
+                measure_naive(run, model, inputs, shapes, clock, device, budget - 45)
+            except Exception as exc:  # noqa: BLE001
+                run.error("naive", exc)
+
+        compile_wanted = cuda and use_graph and not args.no_compile
+        if compile_wanted and budget - run.elapsed() < 130:
+            run.data["skipped"].append(f"torch.compile'd step: {budget - run.elapsed():.0f} s left of the budget")
+        elif compile_wanted:
+            run.log("compiling the decode step (batch 8, (b)); this takes a minute or two")
+            try:
+                reset_peak(device)
+                t = time.perf_counter()
+                stage = time_batch8(decoder, inputs, inputs.topics + inputs.questions, shapes, PruningConfig(),
+                                    clock, True, compile_step=True)
+                stage["compile_and_capture_s"] = round(time.perf_counter() - t, 1)
+                stage["peak_gib"] = peak_gib(device)
+                run.data["stages"]["b_compiled"] = stage
+                run.log(f"b_compiled: {stage}")
+                run.save()
+            except Exception as exc:  # noqa: BLE001
+                run.error("b_compiled", exc)
+
+        hf_wanted = args.hf_static or (cuda and not use_graph)
+        if hf_wanted and (not cuda or budget - run.elapsed() > 150):
+            try:
+                measure_hf_static(run, model, decoder, inputs, shapes, clock, device)
+            except Exception as exc:  # noqa: BLE001
+                run.error("hf_static", exc)
+        elif hf_wanted:
+            run.data["skipped"].append(f"HF static generate: {budget - run.elapsed():.0f} s left of the budget")
+
+    run.data["targets"] = targets(run.data)
+    run.data["complete"] = True
+    run.save()
+    text = render(run.data)
+    print("\n" + text + "\n", flush=True)
+    for row in run.data["targets"]:
+        result = "-" if row["pass"] is None else ("PASS" if row["pass"] else "MISS")
+        print(f"{result}: {row['target']}: {_f(row['value'])} {row['unit']}", flush=True)
+    if not args.toy:
+        run.path.with_suffix(".md").write_text(SECTION + "\n\n" + text + "\n")
+        if not args.no_record:
+            record(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

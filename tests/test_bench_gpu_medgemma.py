@@ -1,0 +1,106 @@
+"""bench/gpu_medgemma.py at toy sizes on the CPU: it runs, measures every phase of every path,
+shares one prefix prefill among the topics, prunes to the requested shares, and records nothing."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "bench" / "gpu_medgemma.py"
+RESULTS = ROOT / "bench" / "RESULTS.md"
+PHASES = ("vision_s", "prefill_s", "decode_s", "total_s")
+
+pytestmark = pytest.mark.slow  # a subprocess that imports torch and transformers: ~10 s
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("gpu-medgemma") / "figures.json"
+    before = RESULTS.read_bytes() if RESULTS.exists() else None
+    env = {k: v for k, v in os.environ.items() if k != "OUT"}
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--toy", "--device", "cpu", "--json", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=240, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    after = RESULTS.read_bytes() if RESULTS.exists() else None
+    data = json.loads(out.read_text())
+    data["_stdout"], data["_results_unchanged"] = proc.stdout, before == after
+    return data
+
+
+def test_the_toy_run_completes_without_errors(toy):
+    assert toy["complete"] and toy["toy"]
+    assert toy["errors"] == [], toy["errors"]
+    assert toy["image_tokens"] == toy["shapes"]["slices"] * 16
+
+
+def test_every_path_reports_every_phase(toy):
+    stages = toy["stages"]
+    for key in ("naive", "b", "c50", "c25"):
+        for phase in PHASES:
+            value = stages[key][phase]
+            assert math.isfinite(value) and value >= 0, (key, phase, value)
+        assert stages[key]["decode_ms_per_step"] > 0
+    for key in ("b", "c50", "c25"):
+        batch8 = stages[key]["batch8"]
+        assert batch8["batch"] == toy["shapes"]["topics"] + toy["shapes"]["questions"] == 8
+        assert batch8["static_ms_per_step"] > 0 and batch8["loop_ms_per_step"] > 0
+    assert stages["b"]["decode_impl"] == "static cache, eager"  # no CUDA graph on the CPU
+    assert stages["b"]["loop_decode_ms_per_step"] > 0
+
+
+def test_topics_share_one_prefix_prefill(toy):
+    topics = toy["shapes"]["topics"]
+    readout = toy["stages"]["b"]["counts_per_study"]
+    assert readout == {"vision_encodes": 1, "prefix_prefills": 1, "prompt_rows": topics}
+    naive = toy["stages"]["naive"]["counts_per_study"]
+    assert naive == {"vision_encodes": topics, "prefix_prefills": topics}
+    assert toy["stages"]["naive"]["generated_tokens"] == [toy["shapes"]["new_tokens"]] * topics
+
+
+@pytest.mark.parametrize("key, share", [("c50", 0.5), ("c25", 0.25), ("c50_shared", 0.5), ("c25_shared", 0.25)])
+def test_pruning_keeps_the_requested_share(toy, key, share):
+    stage = toy["stages"][key]
+    image = toy["image_tokens"]
+    assert len(stage["kept_ratio"]) == toy["shapes"]["topics"]
+    for kept in stage["kept_ratio"]:
+        assert abs(kept - share) <= 1 / image + 1e-9
+    assert toy["stages"]["b"]["kept_ratio"] is None
+    assert stage["counts_per_study"]["prefix_prefills"] == 1
+    # The pruned rows hold the text, the kept image tokens and the longest prompt.
+    text = toy["prefix_tokens"] - image
+    longest = max(toy["topic_tokens"])
+    assert stage["context_slots"] == text + math.ceil(share * image) + longest
+
+
+def test_static_decoding_matches_readouts_loop(toy):
+    checks = toy["checks"]
+    assert checks["static_vs_loop"]["tokens_equal"]
+    assert checks["static_vs_loop"]["max_entropy_diff"] < 1e-4
+    shared = checks["shared_keep_one_prompt"]
+    assert shared["max_logit_diff"] < 1e-4 and shared["kept"] == shared["engine_kept"]
+
+
+def test_targets_are_judged_and_nothing_is_recorded(toy):
+    names = [row["target"] for row in toy["targets"]]
+    assert any("2.5 s" in n for n in names) and any("10 ms" in n for n in names) and any("3x" in n for n in names)
+    assert all(row["pass"] in (True, False) for row in toy["targets"])
+    verdicts = [line for line in toy["_stdout"].splitlines() if line.startswith(("PASS: ", "MISS: "))]
+    assert len(verdicts) == len(toy["targets"])
+    assert "| (b) Readout" in toy["_stdout"]
+    assert toy["_results_unchanged"], "a --toy run must not write bench/RESULTS.md"
+
+
+def test_a_saved_run_renders_without_the_model(toy, tmp_path):
+    saved = tmp_path / "run.json"
+    saved.write_text(json.dumps({k: v for k, v in toy.items() if not k.startswith("_")}))
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--from-json", str(saved), "--no-record"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "| target | value | result |" in proc.stdout and "(c) (b) + pruning, 25% kept" in proc.stdout
