@@ -9,16 +9,17 @@ each slice followed by "SLICE n"). One study: 85 slices, 5 topics x 128 new toke
     slices and prefills the whole prompt again.
 (b) Readout: bf16, SDPA, slices encoded once, image prefix prefilled once
     (``engines.medgemma_pruning.prefill_prefix``), the 5 topics batched on it
-    (``prefill_prompts``), greedy decoding over a static cache captured as a CUDA graph (the
-    `StaticDecode` below: Readout's layers and masks over fixed-size key/value buffers; the
-    shipped loop ``engines.medgemma_pruning.decode`` is timed beside it).
+    (``prefill_prompts``), greedy decoding with the engine's decoder
+    (``engines.medgemma_decode.StaticDecoder``: fixed-size key/value buffers, one step captured
+    as a CUDA graph).
 (c) (b) with Photon-style pruning, ``PruningConfig(keep="ratio", keep_value=0.5 / 0.25)``: each
     prompt keeps its own image tokens, as the engine does. A bench-only variant ("shared keep")
     keeps one set for all prompts (mean saliency) so the layers after the pruning layer run on
     the prefix once; it shows what the engine's per-prompt choice costs.
 
 Per path: vision encode, prefill, decode and total (median of ``--repeats`` after a warm-up),
-decode per step at batch 8 (5 topics + 3 questions), peak memory; PASS/MISS against the targets.
+decode per step at batch 8 (5 topics + 3 questions; on (b) also x 5 sampled rollouts, batch 40),
+peak memory; PASS/MISS against the targets.
 
     python bench/gpu_medgemma.py                 # GPU, real shapes (< 6 min on an H100)
     python bench/gpu_medgemma.py --toy           # tiny shapes, CPU in seconds; prints only
@@ -27,7 +28,8 @@ decode per step at batch 8 (5 topics + 3 questions), peak memory; PASS/MISS agai
 Writes the raw figures to ``--json`` (default ``$OUT/gpu_medgemma.json`` when ``OUT`` is set,
 else ``bench/out/gpu_medgemma.json``) after every stage, so a run cut short still leaves what it
 measured; real-shape runs also write the Markdown next to it and append it to bench/RESULTS.md.
-Imports only torch, transformers and ``engines.medgemma_pruning`` (no pydicom, jsonschema).
+Imports only torch, transformers, ``engines.medgemma_pruning`` and ``engines.medgemma_decode``
+(no pydicom, jsonschema).
 """
 
 from __future__ import annotations
@@ -63,12 +65,12 @@ from transformers import (  # noqa: E402
     SiglipVisionConfig,
 )
 
+from engines.medgemma_decode import StaticDecoder  # noqa: E402
 from engines.medgemma_pruning import (  # noqa: E402
     Gemma3Decoder,
     Prompted,
     PruningConfig,
     TokenCache,
-    decode,
     keep_tokens,
     prefill_prefix,
     prefill_prompts,
@@ -94,7 +96,7 @@ class Shapes:
     new_tokens: int
     repeats: int
     b8_steps: int  # decode steps timed for the batch-8 figures
-    loop_steps: int  # steps of Readout's shipped decode loop (per-step figure)
+    rollouts: int  # sampled rollouts per prompt of the batch-8 x rollouts figure
     vision_batch: int
     text_ids: tuple[int, int]  # arbitrary "word" ids are drawn from this range
     bos: int = 2
@@ -104,9 +106,9 @@ class Shapes:
     double_newline: int = 108
 
 
-REAL = Shapes(slices=85, topics=5, questions=3, new_tokens=128, repeats=3, b8_steps=64, loop_steps=32,
+REAL = Shapes(slices=85, topics=5, questions=3, new_tokens=128, repeats=3, b8_steps=64, rollouts=5,
               vision_batch=16, text_ids=(1000, 250_000))
-TOY = Shapes(slices=4, topics=5, questions=3, new_tokens=8, repeats=2, b8_steps=6, loop_steps=8,
+TOY = Shapes(slices=4, topics=5, questions=3, new_tokens=8, repeats=2, b8_steps=6, rollouts=5,
              vision_batch=16, text_ids=(10, 390), start_of_turn=5, end_of_turn=6, newline=7, double_newline=8)
 
 
@@ -248,156 +250,6 @@ def counted_prefix(decoder: Gemma3Decoder, ids: list[int], features: torch.Tenso
     return prefill_prefix(decoder, torch.tensor(ids), features, layer)
 
 
-# --- Static-cache decoding (bench-local) -------------------------------------------------------
-
-
-class StaticDecode:
-    """Greedy decoding of prompted rows over fixed-size key/value buffers.
-
-    The same decoder layers, mask rule and cache contents as ``engines.medgemma_pruning.decode``
-    (slots attend by position and validity; a new token is text, so no image block applies),
-    but every step runs the same kernels on the same addresses: the step is captured once as a
-    CUDA graph and replayed. Sliding-window layers keep only the slots a new token can still
-    see (position > first new position - window), so 29 of the 34 layers read ~1k slots, not
-    the whole prefix.
-    """
-
-    def __init__(self, decoder: Gemma3Decoder, prompted: Prompted, steps: int, graph: bool = False,
-                 compile_step: bool = False) -> None:
-        self.decoder, self.steps = decoder, steps
-        cache = prompted.cache
-        device = decoder.device
-        self.rows = torch.arange(cache.rows, device=device)
-        self.kinds = sorted(set(decoder.layer_types))
-        first = int(prompted.next_pos.min())
-        self.columns = {}
-        for kind in self.kinds:
-            if kind == "sliding_attention" and decoder.window:
-                needed = (cache.valid & (cache.pos > first - decoder.window)).any(0)
-                self.columns[kind] = torch.nonzero(needed).squeeze(1)
-            else:
-                self.columns[kind] = torch.arange(cache.length, device=device)
-        self.base = {kind: len(cols) for kind, cols in self.columns.items()}
-        batch = len(self.rows)
-        attn = decoder.lm.layers[0].self_attn
-        kv_heads, dim = decoder.lm.config.num_key_value_heads, attn.head_dim
-        self.keys, self.values = [], []
-        for kind in decoder.layer_types:
-            shape = (batch, kv_heads, self.base[kind] + steps, dim)
-            self.keys.append(torch.zeros(shape, dtype=decoder.dtype, device=device))
-            self.values.append(torch.zeros(shape, dtype=decoder.dtype, device=device))
-        self.kv_pos = {k: torch.zeros(batch, self.base[k] + steps, dtype=torch.long, device=device) for k in self.kinds}
-        self.kv_valid = {k: torch.zeros(batch, self.base[k] + steps, dtype=torch.bool, device=device) for k in self.kinds}
-        self.token = torch.zeros(batch, dtype=torch.long, device=device)
-        self.pos = torch.zeros(batch, dtype=torch.long, device=device)
-        self.slot = torch.zeros(1, dtype=torch.long, device=device)
-        self.base_index = {k: torch.tensor([b], device=device) for k, b in self.base.items()}
-        self.write_index = dict(self.base_index)
-        self.tokens = torch.zeros(batch, steps, dtype=torch.long, device=device)
-        self.entropies = torch.zeros(batch, steps, dtype=torch.float32, device=device)
-        self._start = (self.token.clone(), self.pos.clone())
-        self.step_fn = torch.compile(self._step, dynamic=False) if compile_step else self._step
-        self.graph, self.capture_error = None, None
-        self.load(prompted)
-        if graph:
-            try:
-                self._capture()
-            except Exception as exc:  # noqa: BLE001 - fall back to eager steps, say why
-                self.capture_error = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
-                torch.cuda.synchronize()
-                self.graph = None
-                self.load(prompted)
-
-    def load(self, prompted: Prompted) -> None:
-        """Copy a prompted cache (same shapes as the first one) into the buffers; reset the state."""
-        cache, rows = prompted.cache, self.rows
-        for kind, cols in self.columns.items():
-            if cols.numel() and int(cols[-1]) >= cache.length:
-                raise ValueError("this prompted cache is shorter than the one the buffers were made for")
-        for i, kind in enumerate(self.decoder.layer_types):
-            cols, base = self.columns[kind], self.base[kind]
-            for buffer, source in ((self.keys[i], cache.keys[i]), (self.values[i], cache.values[i])):
-                buffer[:, :, :base].copy_(source.index_select(0, rows).index_select(2, cols))
-                buffer[:, :, base:].zero_()
-        first = prompted.next_pos[rows]
-        new = first[:, None] + torch.arange(self.steps, device=first.device)[None]
-        for kind, cols in self.columns.items():
-            base = self.base[kind]
-            self.kv_pos[kind][:, :base].copy_(cache.pos.index_select(0, rows).index_select(1, cols))
-            self.kv_pos[kind][:, base:].copy_(new)
-            self.kv_valid[kind][:, :base].copy_(cache.valid.index_select(0, rows).index_select(1, cols))
-            # New slots are valid from the start: a slot's position is only <= the query's
-            # once its token has been fed, so the causal rule hides the ones not written yet.
-            self.kv_valid[kind][:, base:] = True
-        probs = torch.softmax(prompted.next_logits[rows], -1)
-        self.tokens.zero_()
-        self.entropies.zero_()
-        self.tokens[:, 0] = probs.argmax(-1)
-        self.entropies[:, 0] = -(probs * probs.clamp(min=1e-30).log()).sum(-1)
-        self._start = (self.tokens[:, 0].clone(), first.clone())
-        self.reset()
-
-    def reset(self) -> None:
-        self.token.copy_(self._start[0])
-        self.pos.copy_(self._start[1])
-        self.slot.zero_()
-
-    # Gemma 3's attention modules call this with each layer's new key/value (one slot).
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        index = self.write_index[self.decoder.layer_types[layer_idx]]
-        self.keys[layer_idx].index_copy_(2, index, key_states)
-        self.values[layer_idx].index_copy_(2, index, value_states)
-        return self.keys[layer_idx], self.values[layer_idx]
-
-    def _step(self) -> None:
-        decoder = self.decoder
-        hidden = decoder.embed(self.token[:, None])
-        q_pos = self.pos[:, None]
-        self.write_index = {kind: self.base_index[kind] + self.slot for kind in self.kinds}
-        masks, rope = {}, {}
-        for kind in self.kinds:
-            mask = self.kv_valid[kind] & (self.kv_pos[kind] <= q_pos)
-            if kind == "sliding_attention" and decoder.window:
-                mask = mask & (self.kv_pos[kind] > q_pos - decoder.window)
-            masks[kind] = mask[:, None, None, :]
-            rope[kind] = decoder.lm.rotary_emb(hidden, q_pos, kind)
-        for i, layer in enumerate(decoder.lm.layers):
-            kind = decoder.layer_types[i]
-            hidden = layer(hidden, position_embeddings=rope[kind], attention_mask=masks[kind], position_ids=q_pos,
-                           cache=self)
-        probs = torch.softmax(decoder.logits(hidden[:, -1]), -1)
-        entropy = -(probs * probs.clamp(min=1e-30).log()).sum(-1)
-        token = probs.argmax(-1)
-        out = self.slot + 1
-        self.tokens.index_copy_(1, out, token[:, None])
-        self.entropies.index_copy_(1, out, entropy[:, None])
-        self.token.copy_(token)
-        self.pos.add_(1)
-        self.slot.add_(1)
-
-    def _capture(self) -> None:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(3):  # warm-up (and compilation) outside the capture
-                self.step_fn()
-        torch.cuda.current_stream().wait_stream(stream)
-        self.reset()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self.step_fn()
-        self.graph = graph
-        self.reset()
-
-    def run(self, steps: int | None = None) -> None:
-        """Decode ``steps`` tokens after the first (default: all); results in ``tokens``/``entropies``."""
-        for _ in range(self.steps - 1 if steps is None else steps):
-            if self.graph is not None:
-                self.graph.replay()
-            else:
-                self.step_fn()
-
-
 # --- Shared-keep pruning (bench-local variant) -------------------------------------------------
 
 
@@ -526,9 +378,10 @@ def sdpa_probe(device: torch.device, dtype: torch.dtype, n: int = 4096) -> dict:
 
 
 def readout_study(decoder: Gemma3Decoder, inputs: StudyInputs, shapes: Shapes, pruning: PruningConfig,
-                  clock: Clock, *, shared_keep: bool = False, static: StaticDecode | None = None,
-                  graph: bool = False, decode_steps: bool = True) -> tuple[dict, StaticDecode | None, Prompted]:
-    """One study on Readout's path; returns its phase times and the static decoder (made on first use)."""
+                  clock: Clock, *, shared_keep: bool = False, static: StaticDecoder | None = None,
+                  graph: bool = False, decode_steps: bool = True) -> tuple[dict, StaticDecoder | None, Prompted]:
+    """One study on Readout's path; returns its phase times and the engine's decoder (made on first
+    use: its buffers, and graph, are reused by the next studies, as a server would)."""
     before = dict(COUNTS)
     layer = pruning.layer_for(decoder.num_layers) if pruning.active else None
     t0 = clock.mark()
@@ -545,10 +398,10 @@ def readout_study(decoder: Gemma3Decoder, inputs: StudyInputs, shapes: Shapes, p
     t3 = clock.mark()
     if decode_steps:
         if static is None:
-            static = StaticDecode(decoder, prompted, shapes.new_tokens, graph=graph)
+            static = StaticDecoder(decoder, prompted, max_new_tokens=shapes.new_tokens, graph=graph)
         else:
             static.load(prompted)
-        static.run()
+        static.run()  # no stop ids: every token is decoded
     t4 = clock.mark()
     times = {"vision_s": clock.seconds(t0, t1), "prefill_s": clock.seconds(t1, t3), "decode_s": clock.seconds(t3, t4),
              "total_s": clock.seconds(t0, t4)}
@@ -569,7 +422,7 @@ def summarize(runs: list[dict]) -> dict:
 def measure_readout(run: Run, key: str, decoder: Gemma3Decoder, inputs: StudyInputs, shapes: Shapes,
                     pruning: PruningConfig, clock: Clock, device: torch.device, use_graph: bool,
                     shared_keep: bool = False) -> None:
-    """(b) or (c): warm-up + repeats of one study; then decode per step at batch 8 (static and loop)."""
+    """(b) or (c): warm-up + repeats of one study; then decode per step at batch 8 (each with its own peak)."""
     reset_peak(device)
     stage: dict = {"keep": pruning.keep_value if pruning.active else 1.0, "rule": pruning.keep,
                    "shared_keep": shared_keep}
@@ -579,8 +432,8 @@ def measure_readout(run: Run, key: str, decoder: Gemma3Decoder, inputs: StudyInp
                                             graph=use_graph, decode_steps=decode_steps)
     stage["warmup_s"] = round(times["total_s"], 3)
     if static is not None:
-        stage["decode_impl"] = "static cache + CUDA graph" if static.graph is not None else "static cache, eager"
-        stage["static_slots"] = dict(static.base)
+        stage["decode_impl"] = decode_impl(static)
+        stage["static_slots"] = dict(static.context_slots)
         if static.capture_error:
             stage["capture_error"] = static.capture_error
     stage["kept_ratio"] = prompted.kept_ratio
@@ -595,7 +448,7 @@ def measure_readout(run: Run, key: str, decoder: Gemma3Decoder, inputs: StudyInp
     stage.update(summarize(runs))
     if static is not None:
         stage["decode_ms_per_step"] = round(stage["decode_s"] / max(1, shapes.new_tokens - 1) * 1000, 3)
-        stage["decode_batch"] = len(static.rows)
+        stage["decode_batch"] = static.rows
     del static
     stage["peak_gib"] = peak_gib(device)
     run.log(f"{key}: " + ", ".join(f"{k} {stage[k]:.3f}" for k in ("vision_s", "prefill_s", "decode_s", "total_s")
@@ -603,22 +456,18 @@ def measure_readout(run: Run, key: str, decoder: Gemma3Decoder, inputs: StudyInp
     run.save()
     if not decode_steps:
         return
-    if key == "b":  # Readout's shipped decode loop on the same study (batch 5), fewer steps: per step only
-        try:
-            loop_ms = time_loop(decoder, inputs, inputs.topics, shapes, pruning, clock)
-            stage["loop_decode_ms_per_step"] = round(loop_ms, 3)
-            stage["loop_decode_s_extrapolated"] = round(loop_ms * (shapes.new_tokens - 1) / 1000, 3)
-            run.log(f"{key}: Readout's decode loop (batch {len(inputs.topics)}) {loop_ms:.2f} ms/step")
-        except Exception as exc:  # noqa: BLE001
-            run.error(f"{key}/loop", exc)
-    # Batch 8 (5 topics + 3 questions): static cache (+ graph) and the shipped loop.
+    # Batch 8 (5 topics + 3 questions); on (b) also with sampled rollouts (MedVR), 8 x rollouts rows.
     prompts = inputs.topics + inputs.questions
-    try:
-        stage["batch8"] = time_batch8(decoder, inputs, prompts, shapes, pruning, clock, use_graph)
-        run.log(f"{key}: batch {len(prompts)} decode {stage['batch8']}")
-    except Exception as exc:  # noqa: BLE001
-        run.error(f"{key}/batch8", exc)
-    stage["peak_gib"] = peak_gib(device)
+    for name, rollouts in (("batch8", 1), ("batch8_rollouts", shapes.rollouts)):
+        if rollouts > 1 and key != "b":
+            continue
+        try:
+            reset_peak(device)
+            stage[name] = time_batch8(decoder, inputs, prompts, shapes, pruning, clock, use_graph, rollouts=rollouts)
+            stage[name]["peak_gib"] = peak_gib(device)
+            run.log(f"{key}: batch {len(prompts)} x {rollouts} decode {stage[name]}")
+        except Exception as exc:  # noqa: BLE001
+            run.error(f"{key}/{name}", exc)
     run.save()
 
 
@@ -637,39 +486,33 @@ def _prompted(decoder: Gemma3Decoder, inputs: StudyInputs, prompts: list[list[in
     return prefill_prompts(decoder, prefix, prompts, pruning)
 
 
-def time_loop(decoder: Gemma3Decoder, inputs: StudyInputs, prompts: list[list[int]], shapes: Shapes,
-              pruning: PruningConfig, clock: Clock) -> float:
-    """ms per step of ``engines.medgemma_pruning.decode`` (prefill excluded; no stop token)."""
-    steps = min(shapes.loop_steps, shapes.new_tokens)
-    prompted = _prompted(decoder, inputs, prompts, pruning, shapes)
-    start = clock.mark()
-    decode(decoder, prompted, rollouts=1, max_new_tokens=steps, stop_ids={-1})
-    return clock.seconds(start, clock.mark()) / max(1, steps - 1) * 1000
+def decode_impl(static: StaticDecoder, compiled: bool = False) -> str:
+    return ("static cache + CUDA graph" if static.graph is not None else "static cache, eager") + (
+        " + torch.compile" if compiled else "")
 
 
 def time_batch8(decoder: Gemma3Decoder, inputs: StudyInputs, prompts: list[list[int]], shapes: Shapes,
-                pruning: PruningConfig, clock: Clock, use_graph: bool, compile_step: bool = False) -> dict:
-    """ms per step at batch ``len(prompts)``: the static cache (graph, compiled) and Readout's loop."""
+                pruning: PruningConfig, clock: Clock, use_graph: bool, compile_step: bool = False,
+                rollouts: int = 1) -> dict:
+    """ms per step of the engine's decoder at batch ``len(prompts) x rollouts`` (sampled at
+    temperature 1 when ``rollouts > 1``, as MedVR reads; greedy otherwise; no stop token)."""
     steps = shapes.b8_steps
     prompted = _prompted(decoder, inputs, prompts, pruning, shapes)
     t0 = time.perf_counter()
-    static = StaticDecode(decoder, prompted, steps + 1, graph=use_graph, compile_step=compile_step)
+    static = StaticDecoder(decoder, prompted, rollouts=rollouts, max_new_tokens=steps + 1, temperature=1.0,
+                           graph=use_graph, compile_step=compile_step, release=True)
     setup_s = time.perf_counter() - t0
+    del prompted
     per_step = []
     for _ in range(shapes.repeats):
-        static.reset()
         start = clock.mark()
-        static.run(steps)
+        static.run()
         per_step.append(clock.seconds(start, clock.mark()) / steps * 1000)
-    out = {"batch": len(static.rows), "static_ms_per_step": round(median(per_step), 3),
-           "static_impl": ("static cache + CUDA graph" if static.graph is not None else "static cache, eager")
-           + (" + torch.compile" if compile_step else ""), "setup_s": round(setup_s, 2)}
-    del static
-    if not compile_step:
-        loop_steps = min(shapes.loop_steps, steps)
-        start = clock.mark()
-        decode(decoder, prompted, rollouts=1, max_new_tokens=loop_steps, stop_ids={-1})
-        out["loop_ms_per_step"] = round(clock.seconds(start, clock.mark()) / max(1, loop_steps - 1) * 1000, 3)
+    out = {"batch": static.rows, "static_ms_per_step": round(median(per_step), 3),
+           "static_impl": decode_impl(static, compile_step), "sampled": static.sample, "setup_s": round(setup_s, 2),
+           "static_slots": dict(static.context_slots)}
+    if static.capture_error:
+        out["capture_error"] = static.capture_error
     return out
 
 
@@ -779,25 +622,30 @@ def measure_hf_static(run: Run, model, decoder: Gemma3Decoder, inputs: StudyInpu
     run.save()
 
 
-def check_static_matches_loop(decoder: Gemma3Decoder, inputs: StudyInputs, shapes: Shapes,
-                              pruning: PruningConfig, use_graph: bool) -> dict:
-    """The static decoder against Readout's loop on the same prompts: tokens and entropies."""
+def check_decoder(model, decoder: Gemma3Decoder, inputs: StudyInputs, shapes: Shapes, use_graph: bool) -> dict:
+    """The engine's decoder on the topics against HF ``generate`` on the first one (greedy tokens
+    and entropies), and its CUDA graph against its eager steps."""
     steps = min(shapes.new_tokens, 16)
-    prompted = _prompted(decoder, inputs, inputs.topics, pruning, shapes)
-    static = StaticDecode(decoder, prompted, steps, graph=use_graph)
-    static.run()
-    ours, ours_h = static.tokens.tolist(), static.entropies.cpu()
-    theirs = decode(decoder, prompted, rollouts=1, max_new_tokens=steps, stop_ids={-1})
-    out = {"tokens_equal": ours == theirs.tokens, "steps": steps,
-           "max_entropy_diff": (ours_h - torch.tensor(theirs.entropies)).abs().max().item(),
+    static = StaticDecoder(decoder, _prompted(decoder, inputs, inputs.topics, PruningConfig(), shapes),
+                           max_new_tokens=steps, graph=use_graph, release=True)
+    ours = static.run()
+    ids = torch.tensor([inputs.prefix + inputs.topics[0]], device=decoder.device)
+    theirs = model.generate(input_ids=ids, pixel_values=inputs.pixel_values, attention_mask=torch.ones_like(ids),
+                            token_type_ids=(ids == inputs.image_token_id).long(), max_new_tokens=steps,
+                            do_sample=False, output_logits=True, return_dict_in_generate=True)
+    probs = torch.softmax(torch.stack([logits[0] for logits in theirs.logits]).float(), -1)
+    entropy = -(probs * probs.clamp(min=1e-30).log()).sum(-1)
+    theirs_tokens = theirs.sequences[0, ids.shape[1]:].tolist()
+    out = {"steps": steps, "first_topic_equals_generate": ours.tokens[0] == theirs_tokens,
+           "tokens_matching_generate": sum(a == b for a, b in zip(ours.tokens[0], theirs_tokens)),
+           "max_entropy_diff_vs_generate": (torch.tensor(ours.entropies[0]) - entropy.cpu()).abs().max().item(),
            "graph": static.graph is not None}
     if static.capture_error:
         out["capture_error"] = static.capture_error
     if static.graph is not None:  # the graph must replay the eager step exactly
         static.graph = None
-        static.load(_prompted(decoder, inputs, inputs.topics, pruning, shapes))
-        static.run()
-        out["graph_equals_eager"] = static.tokens.tolist() == ours
+        static.load(_prompted(decoder, inputs, inputs.topics, PruningConfig(), shapes), release=True)
+        out["graph_equals_eager"] = static.run().tokens == ours.tokens
     return out
 
 
@@ -849,7 +697,6 @@ def _f(value, digits: int = 2) -> str:
 def render(data: dict) -> str:
     stages = data.get("stages", {})
     cfg = data.get("shapes", {})
-    b = stages.get("b", {})
     head = (f"{data.get('date', '?')}; {data.get('device', '?')}, torch {data.get('torch', '?')}, transformers "
             f"{data.get('transformers', '?')}, Python {data.get('python', '?')}; code {data.get('commit', '?')}; "
             f"`{data.get('command', '?')}`; {'toy shapes' if data.get('toy') else 'MedGemma-1.5-4B shapes'}, random "
@@ -885,28 +732,25 @@ def render(data: dict) -> str:
                      f"{_f(step)} ({batch}) | {kept} | {counts.get('vision_encodes', '-')} / "
                      f"{counts.get('prefix_prefills', '-')} | {_f(s.get('peak_gib'), 1)} |")
     out = [head, "", *lines]
-    b8_rows = ["| path | static cache ms/step | Readout's decode loop ms/step | static slots (full / sliding layers) |",
-               "|---|---|---|---|"]
-    for key in ("b", "c50", "c25"):
+    b8_rows = ["| path | batch | ms/step | context slots per row (full / sliding layers) | peak GiB |",
+               "|---|---|---|---|---|"]
+    for key, name in (("b", "batch8"), ("b", "batch8_rollouts"), ("c50", "batch8"), ("c25", "batch8"),
+                      ("b_compiled", None)):
         s = stages.get(key, {})
-        if "batch8" in s:
-            slots = s.get("static_slots", {})
-            b8_rows.append(f"| {key} ({s['batch8']['static_impl']}) | {_f(s['batch8']['static_ms_per_step'])} | "
-                           f"{_f(s['batch8'].get('loop_ms_per_step'))} | {slots.get('full_attention', '-')} / "
-                           f"{slots.get('sliding_attention', '-')} |")
-    compiled = stages.get("b_compiled", {})
-    if "static_ms_per_step" in compiled:
-        b8_rows.append(f"| b ({compiled['static_impl']}) | {_f(compiled['static_ms_per_step'])} | - | - |")
+        b8 = s.get(name, {}) if name else s
+        if "static_ms_per_step" in b8:
+            slots = b8.get("static_slots", s.get("static_slots", {}))
+            label = f"{key} ({b8['static_impl']}{', sampled' if b8.get('sampled') else ''})"
+            b8_rows.append(f"| {label} | {b8.get('batch', '-')} | {_f(b8['static_ms_per_step'])} | "
+                           f"{slots.get('full_attention', '-')} / {slots.get('sliding_attention', '-')} | "
+                           f"{_f(b8.get('peak_gib', s.get('peak_gib')), 1)} |")
     hf = stages.get("hf_static", {})
     if "ms_per_step" in hf:
-        b8_rows.append(f"| b, HF generate static cache (first call {hf.get('first_call_s')} s) | "
-                       f"{_f(hf['ms_per_step'])} | - | - |")
+        b8_rows.append(f"| b, HF generate static cache (first call {hf.get('first_call_s')} s) | 8 | "
+                       f"{_f(hf['ms_per_step'])} | - | {_f(hf.get('peak_gib'), 1)} |")
     if len(b8_rows) > 2:
-        out += ["", "Decode per step at batch 8 (5 topics + 3 questions):", "", *b8_rows]
-    if "loop_decode_ms_per_step" in b:
-        out += ["", (f"Readout's shipped decode loop (`engines.medgemma_pruning.decode`) on the study (batch "
-                     f"{cfg.get('topics')}): {_f(b['loop_decode_ms_per_step'])} ms/step, "
-                     f"{_f(b.get('loop_decode_s_extrapolated'))} s for {cfg.get('new_tokens')} tokens.")]
+        out += ["", "Decode per step with the engine's decoder (`engines.medgemma_decode`), 5 topics + 3 questions:",
+                "", *b8_rows]
     split = [f"{key} {_f(stages[key]['prefix_prefill_s'], 3)} + {_f(stages[key]['prompts_prefill_s'], 3)} s"
              for key in ("b", "c50", "c25") if "prefix_prefill_s" in stages.get(key, {})]
     if split:
@@ -975,7 +819,7 @@ def preflight(run: Run) -> dict:
         if not path.exists():
             return {"ok": False, "why": f"toy run wrote nothing (rc {proc.returncode}): {proc.stderr[-600:]}"}
         toy = json.loads(path.read_text())
-    checks = toy.get("checks", {}).get("static_vs_loop", {})
+    checks = toy.get("checks", {}).get("decoder", {})
     return {"ok": proc.returncode == 0 and not toy.get("errors"), "rc": proc.returncode, "graph": checks.get("graph"),
             "graph_equals_eager": checks.get("graph_equals_eager"), "errors": toy.get("errors"),
             "elapsed_s": toy.get("elapsed_s")}
@@ -1087,8 +931,7 @@ def main(argv: list[str] | None = None) -> int:
                 run.error(key, exc)
 
         try:
-            run.data["checks"]["static_vs_loop"] = check_static_matches_loop(decoder, inputs, shapes,
-                                                                             PruningConfig(), use_graph)
+            run.data["checks"]["decoder"] = check_decoder(model, decoder, inputs, shapes, use_graph)
             run.data["checks"]["shared_keep_one_prompt"] = check_shared_keep(
                 decoder, inputs, shapes, PruningConfig(keep="ratio", keep_value=0.25))
             run.log(f"checks: {run.data['checks']}")

@@ -14,7 +14,8 @@ On top of that:
   topic's text; questions get their own prompts (`question_prompt`).
 - One image prefix per study: the slices are encoded and the prefix prefilled once; every
   topic, question and rollout decodes as one batch on that prefix's keys/values
-  (`engines.medgemma_pruning`), optionally with Photon-style pruning of image tokens.
+  (`engines.medgemma_pruning`), optionally with Photon-style pruning of image tokens, over
+  fixed-size key/value buffers (`engines.medgemma_decode`, a CUDA graph on the GPU).
 - MedVR: with several rollouts, boxes are voted into consensus findings whose agreement is
   the confidence, answers are majority-voted, and each box carries the entropy of its
   coordinate tokens.
@@ -39,10 +40,10 @@ import torch
 
 from engines.errors import CheckpointError
 from engines.grounding import Candidate, consensus, iou3d, majority_answer, vote_box
+from engines.medgemma_decode import decode
 from engines.medgemma_pruning import (
     Gemma3Decoder,
     PruningConfig,
-    decode,
     prefill_prefix,
     prefill_prompts,
 )
@@ -399,10 +400,15 @@ def load_medgemma(model_path: Path, device: str = "cpu"):
         raise _checkpoint_error(folder, f"config.json is unreadable ({exc})") from None
     if model_type != "gemma3":
         raise _checkpoint_error(folder, f"config.json describes a {model_type!r} model, not Gemma 3")
+    from transformers.utils import is_accelerate_available
+
     dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    # Straight onto the device when transformers can (any device_map, even one device, needs
+    # accelerate, which Readout does not require); else through host memory and `.to(device)`.
+    placement = {"device_map": str(device)} if is_accelerate_available() else {}
     try:
         model = Gemma3ForConditionalGeneration.from_pretrained(
-            folder, dtype=dtype, local_files_only=True, attn_implementation="sdpa")
+            folder, dtype=dtype, local_files_only=True, attn_implementation="sdpa", **placement)
         processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise _checkpoint_error(folder, f"it does not load ({' '.join(str(exc).split())[:300]})") from None
@@ -561,23 +567,24 @@ class MedGemmaEngine:
     @torch.inference_mode()
     def sample(self, hu: np.ndarray, request: ReadRequest) -> Sampled:
         """Encode the slices and prefill once, then decode every topic and question x rollouts."""
-        t0 = time.perf_counter()
+        clock = self._clock
+        t0 = clock()
         layout, images = self.prepare(hu)
         names = [*request.topics, *request.questions]
         prompts = [topic_question(t) for t in request.topics] + [question_prompt(q) for q in request.questions]
         prefix_ids, own_ids = self.prompt_ids(len(images), prompts)
-        t1 = time.perf_counter()
+        t1 = clock()
         features = self._encode_images(images)
-        t2 = time.perf_counter()
+        t2 = clock()
         pruning = self.pruning if request.pruning else PruningConfig()
         layer = pruning.layer_for(self.decoder.num_layers) if pruning.active else None
         prefix = prefill_prefix(self.decoder, torch.tensor(prefix_ids), features, layer)
-        t3 = time.perf_counter()
+        t3 = clock()
         prompted = prefill_prompts(self.decoder, prefix, own_ids, pruning)
-        t4 = time.perf_counter()
+        t4 = clock()
         out = decode(self.decoder, prompted, rollouts=request.rollouts, max_new_tokens=self.max_new_tokens,
                      stop_ids=self.stop_ids, temperature=request.temperature, seed=request.seed)
-        t5 = time.perf_counter()
+        t5 = clock()
         rollouts: dict[str, list[Rollout]] = {name: [] for name in names}
         for row, (tokens, entropies) in enumerate(zip(out.tokens, out.entropies)):
             text = self.tokenizer.decode(tokens, skip_special_tokens=False)
@@ -590,6 +597,13 @@ class MedGemmaEngine:
         timings = {"preprocess_s": t1 - t0, "encode_s": t2 - t1, "prefill_s": t3 - t2, "prompts_s": t4 - t3,
                    "decode_s": t5 - t4}
         return Sampled(layout, rollouts, kept, tokens, timings)
+
+    def _clock(self) -> float:
+        """Wall time once the device has finished what was queued (CUDA runs asynchronously,
+        so without the sync a phase's work would be billed to the next phase that waits)."""
+        if self.decoder.device.type == "cuda":
+            torch.cuda.synchronize(self.decoder.device)
+        return time.perf_counter()
 
     def _token_ends(self, tokens: list[int]) -> list[int]:
         """Where each token's text ends in the decoded answer (prefix decodes, clamped monotone)."""

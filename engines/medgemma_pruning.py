@@ -5,7 +5,8 @@ followed by one short prompt per topic or question. This module runs Gemma 3's d
 itself so that:
 
 - the image prefix is prefilled once and its keys/values are reused by every prompt and
-  rollout (rows of one batch); each prompt pays only for its own tokens;
+  rollout (rows of one batch); each prompt pays only for its own tokens (the rows are
+  decoded by `engines.medgemma_decode`);
 - attention masks come from each slot's *position*, *validity* and *image block*, not from
   its index, so padding, pruned slots and rows of different lengths stay exact: causal by
   position, bidirectional inside one image (Gemma 3's ``token_type_ids`` rule), sliding
@@ -307,7 +308,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos[:, None] + rotated * sin[:, None]
 
 
-# --- One study: shared prefix, prompts (with pruning), batched decoding ----------------------
+# --- One study: shared prefix, then prompts (with pruning) ----------------------------------
 
 
 def image_blocks(is_image: torch.Tensor) -> torch.Tensor:
@@ -414,51 +415,3 @@ def _prune(decoder: Gemma3Decoder, prefix: Prefix, hidden: torch.Tensor, pos: to
     combined = torch.cat([kept_hidden, hidden], 1)
     out = decoder.run_layers(combined, cache.pos, cache.block, cache, layer, decoder.num_layers)
     return out, longest, kept_ratio
-
-
-@dataclass
-class Generated:
-    """Per row (prompt-major: row = prompt * rollouts + rollout): tokens and their entropies."""
-
-    tokens: list[list[int]]
-    entropies: list[list[float]]  # nats, of the distribution each token was drawn from
-    steps: int
-
-
-def decode(decoder: Gemma3Decoder, prompted: Prompted, *, rollouts: int, max_new_tokens: int,
-           stop_ids: set[int], temperature: float = 0.0, seed: int = 0) -> Generated:
-    """Decode every prompt ``rollouts`` times as one batch: sampled at ``temperature`` when
-    ``rollouts > 1`` (and temperature > 0), greedy otherwise. Stops at a stop token or after
-    ``max_new_tokens``; the stop token itself is not returned."""
-    device = decoder.device
-    n = prompted.next_logits.shape[0]
-    rows = torch.arange(n, device=device).repeat_interleave(rollouts)
-    cache = prompted.cache
-    cache.select_rows(rows)
-    logits, pos = prompted.next_logits[rows], prompted.next_pos[rows]
-    sample = rollouts > 1 and temperature > 0
-    generator = torch.Generator(device=device).manual_seed(seed) if sample else None
-    stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
-    done = torch.zeros(len(rows), dtype=torch.bool, device=device)
-    drawn, spread = [], []  # per step, on the device: one sync per step (the `done` check)
-    for step in range(max_new_tokens):
-        probs = torch.softmax(logits / temperature if sample else logits, -1)
-        spread.append(-(probs * probs.clamp(min=1e-30).log()).sum(-1))
-        token = torch.multinomial(probs, 1, generator=generator).squeeze(1) if sample else probs.argmax(-1)
-        drawn.append(token)
-        done |= torch.isin(token, stop)
-        if bool(done.all()) or step == max_new_tokens - 1:
-            break
-        slot_pos, block = pos[:, None], torch.full((len(rows), 1), -1, device=device)
-        cache.add_slots(slot_pos, torch.ones_like(slot_pos, dtype=torch.bool), block)
-        hidden = decoder.run_layers(decoder.embed(token[:, None]), slot_pos, block, cache)
-        logits, pos = decoder.logits(hidden[:, -1]), pos + 1
-    all_tokens = torch.stack(drawn, 1).tolist()
-    all_entropies = torch.stack(spread, 1).tolist()
-    tokens, entropies = [], []
-    for row_tokens, row_entropies in zip(all_tokens, all_entropies):
-        end = next((i for i, t in enumerate(row_tokens) if t in stop_ids), len(row_tokens))
-        tokens.append(row_tokens[:end])
-        entropies.append(row_entropies[:end])
-    steps = len(drawn)
-    return Generated(tokens, entropies, steps)

@@ -50,9 +50,14 @@ def test_every_path_reports_every_phase(toy):
     for key in ("b", "c50", "c25"):
         batch8 = stages[key]["batch8"]
         assert batch8["batch"] == toy["shapes"]["topics"] + toy["shapes"]["questions"] == 8
-        assert batch8["static_ms_per_step"] > 0 and batch8["loop_ms_per_step"] > 0
+        assert batch8["static_ms_per_step"] > 0 and not batch8["sampled"]
+    rollouts = stages["b"]["batch8_rollouts"]
+    assert rollouts["batch"] == 8 * toy["shapes"]["rollouts"] and rollouts["sampled"] and rollouts["static_ms_per_step"] > 0
     assert stages["b"]["decode_impl"] == "static cache, eager"  # no CUDA graph on the CPU
-    assert stages["b"]["loop_decode_ms_per_step"] > 0
+    # The engine's decoder keeps a window's slots on sliding layers, the whole context on global ones.
+    slots = stages["b"]["static_slots"]
+    assert slots["full_attention"] == toy["prefix_tokens"] + max(toy["topic_tokens"])
+    assert slots["sliding_attention"] < 16  # the toy model's window
 
 
 def test_topics_share_one_prefix_prefill(toy):
@@ -79,10 +84,11 @@ def test_pruning_keeps_the_requested_share(toy, key, share):
     assert stage["context_slots"] == text + math.ceil(share * image) + longest
 
 
-def test_static_decoding_matches_readouts_loop(toy):
+def test_the_engines_decoder_matches_hf_generate(toy):
     checks = toy["checks"]
-    assert checks["static_vs_loop"]["tokens_equal"]
-    assert checks["static_vs_loop"]["max_entropy_diff"] < 1e-4
+    decoder = checks["decoder"]
+    assert decoder["first_topic_equals_generate"] and decoder["tokens_matching_generate"] == decoder["steps"] == 8
+    assert decoder["max_entropy_diff_vs_generate"] < 1e-4 and decoder["graph"] is False
     shared = checks["shared_keep_one_prompt"]
     assert shared["max_logit_diff"] < 1e-4 and shared["kept"] == shared["engine_kept"]
 
@@ -104,3 +110,4 @@ def test_a_saved_run_renders_without_the_model(toy, tmp_path):
                           capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "| target | value | result |" in proc.stdout and "(c) (b) + pruning, 25% kept" in proc.stdout
+    assert "| b (static cache, eager, sampled) | 40 |" in proc.stdout  # the batch 8 x 5 rollouts row

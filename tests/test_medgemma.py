@@ -31,9 +31,9 @@ from engines.medgemma import (
     select_slice_indices,
     topic_question,
 )
+from engines.medgemma_decode import STOP_CHECK_EVERY, StaticDecoder, decode
 from engines.medgemma_pruning import (
     PruningConfig,
-    decode,
     keep_tokens,
     normalized,
     prefill_prefix,
@@ -313,28 +313,35 @@ def test_missing_or_foreign_checkpoint(tiny_folder, tmp_path):
 # --- shared prefix and pruning -------------------------------------------------------------
 
 
+GREEDY_TOKENS = 24  # past the tiny model's sliding window (16) and the first stop check
+
+
 @pytest.fixture(scope="module")
 def prompt_case(engine, tiny):
-    """Two prompts of different lengths on 5 slices, with the full forward's next-token logits."""
+    """Three prompts of different lengths on 5 slices, with the full forward's next-token logits
+    and HF ``generate``'s greedy tokens and per-step logits."""
     model, processor = tiny
     _, images = engine.prepare(_hu(slices=5))
-    questions = [question_prompt(QUESTIONS[1]), topic_question("heart")]
+    questions = [question_prompt(QUESTIONS[1]), topic_question("heart"), question_prompt(QUESTIONS[0])]
     prefix, own = engine.prompt_ids(len(images), questions)
-    assert len(own[0]) != len(own[1])  # so the batch has padding
-    references, greedy = [], []
+    assert len(set(map(len, own))) == 3  # so the batch has padding
+    references, greedy, step_logits = [], [], []
     with torch.no_grad():
         features = engine._encode_images(images)
         for question in questions:
             text = processor.apply_chat_template(build_messages(5, question), add_generation_prompt=True, tokenize=False)
             inputs = processor(text=[text], images=[images], return_tensors="pt")
             references.append(model(**inputs).logits[0, -1])
-            out = model.generate(**inputs, max_new_tokens=5, do_sample=False, eos_token_id=None)
-            greedy.append(out[0, inputs["input_ids"].shape[1]:].tolist())
-    return engine.decoder, prefix, own, features, references, greedy
+            out = model.generate(**inputs, max_new_tokens=GREEDY_TOKENS, do_sample=False, eos_token_id=None,
+                                 output_logits=True, return_dict_in_generate=True)
+            greedy.append(out.sequences[0, inputs["input_ids"].shape[1]:].tolist())
+            step_logits.append(torch.stack([logits[0] for logits in out.logits]))
+    return engine.decoder, prefix, own, features, references, greedy, step_logits
 
 
-def _prefill(case, pruning: PruningConfig | None = None):
-    decoder, prefix_ids, own, features, _, _ = case
+def _prefill(case, pruning: PruningConfig | None = None, prompts: list[int] | None = None):
+    decoder, prefix_ids, own, features, *_ = case
+    own = own if prompts is None else [own[i] for i in prompts]
     layer = pruning.layer_for(decoder.num_layers) if pruning and pruning.active else None
     with torch.no_grad():
         prefix = prefill_prefix(decoder, torch.tensor(prefix_ids), features, layer)
@@ -356,17 +363,98 @@ def test_image_tokens_attend_both_ways(prompt_case, monkeypatch):
     assert not torch.allclose(causal_only.next_logits[0], prompt_case[4][0], atol=1e-4)
 
 
-def test_batched_decoding_matches_generate(prompt_case):
-    prompted = _prefill(prompt_case)
+def _entropy(logits: torch.Tensor) -> torch.Tensor:
+    probs = torch.softmax(logits.float(), -1)
+    return -(probs * probs.clamp(min=1e-30).log()).sum(-1)
+
+
+@pytest.mark.parametrize("pruning", [None, PruningConfig("ratio", 1.0)])
+def test_batched_decoding_matches_generate(prompt_case, pruning):
+    # Keeping every image token runs the pruning path (scoring, gathered cache) and must change nothing.
+    prompted = _prefill(prompt_case, pruning)
     with torch.no_grad():
-        out = decode(prompt_case[0], prompted, rollouts=1, max_new_tokens=5, stop_ids=set())
-    assert out.tokens == prompt_case[5] and out.steps == 5
-    assert all(len(e) == 5 and all(x >= 0 for x in e) for e in out.entropies)
+        out = decode(prompt_case[0], prompted, rollouts=1, max_new_tokens=GREEDY_TOKENS, stop_ids=set())
+    assert out.tokens == prompt_case[5] and out.steps == GREEDY_TOKENS
+    for row, logits in enumerate(prompt_case[6]):
+        torch.testing.assert_close(torch.tensor(out.entropies[row]), _entropy(logits), atol=1e-5, rtol=0)
+    assert all(k is None for k in prompted.cache.keys)  # decode consumed the prompted cache
+
+
+def test_pruned_rows_decode_as_each_prompt_alone(prompt_case):
+    # Pruned rows keep different slots (holes, padding); batched they must decode as they do alone.
+    pruning = PruningConfig("ratio", 0.5)
+    with torch.no_grad():
+        batched = decode(prompt_case[0], _prefill(prompt_case, pruning), rollouts=1, max_new_tokens=GREEDY_TOKENS,
+                         stop_ids=set())
+        for row in range(3):
+            alone = decode(prompt_case[0], _prefill(prompt_case, pruning, [row]), rollouts=1,
+                           max_new_tokens=GREEDY_TOKENS, stop_ids=set())
+            assert alone.tokens[0] == batched.tokens[row]
+            torch.testing.assert_close(torch.tensor(alone.entropies[0]), torch.tensor(batched.entropies[row]),
+                                       atol=1e-5, rtol=0)
+    assert batched.tokens != prompt_case[5]  # pruning half the image tokens does change the answers
+
+
+@pytest.mark.parametrize("pruning", [None, PruningConfig("ratio", 0.5)])
+def test_buffers_hold_the_window_on_sliding_layers_and_everything_on_global_ones(prompt_case, pruning):
+    decoder = prompt_case[0]
+    prompted = _prefill(prompt_case, pruning)
+    context = prompted.cache.length
+    with torch.no_grad():
+        static = StaticDecoder(decoder, prompted, rollouts=2, max_new_tokens=10)
+    assert static.rows == 6 and static.graph is None and static.capture_error is None  # CPU: eager steps
+    assert set(decoder.layer_types) == {"sliding_attention", "full_attention"}
+    assert context > 2 * decoder.window  # the prefix is much longer than the window
+    for kind, keys, values in zip(decoder.layer_types, static.keys, static.values):
+        assert keys.shape == values.shape and keys.shape[0] == 6
+        if kind == "sliding_attention":
+            assert keys.shape[2] <= decoder.window + 10
+        else:
+            assert keys.shape[2] == context + 10
+
+
+def test_a_graph_that_cannot_be_captured_falls_back_to_eager_steps(prompt_case):
+    with torch.no_grad():
+        static = StaticDecoder(prompt_case[0], _prefill(prompt_case), max_new_tokens=6, graph=True)
+        out = static.run()
+    assert static.graph is None and static.capture_error  # no CUDA here: the reason is kept
+    assert out.tokens == [t[:6] for t in prompt_case[5]]
+
+
+def test_sampled_decoding_is_seeded(prompt_case):
+    def sample(seed: int, rollouts: int = 3, temperature: float = 1.0):
+        with torch.no_grad():
+            return decode(prompt_case[0], _prefill(prompt_case), rollouts=rollouts, max_new_tokens=8, stop_ids=set(),
+                          temperature=temperature, seed=seed)
+
+    first, again, other = sample(1), sample(1), sample(2)
+    assert len(first.tokens) == 9 and all(len(t) == 8 for t in first.tokens)
+    assert first == again
+    assert first.tokens != other.tokens
+    assert len({tuple(t) for t in first.tokens[:3]}) > 1  # rollouts of one prompt differ
+    assert first.tokens != [t for t in prompt_case[5] for _ in range(3)]  # not greedy
+    greedy = sample(1, temperature=0.0)  # temperature 0: every rollout is the greedy answer
+    assert greedy.tokens == [t[:8] for t in prompt_case[5] for _ in range(3)]
+
+
+def test_decoding_stops_at_stop_tokens(prompt_case):
+    greedy = prompt_case[5]
+    with torch.no_grad():
+        # Each row's own third token stops it: two tokens survive, the rest is cut.
+        out = decode(prompt_case[0], _prefill(prompt_case), rollouts=1, max_new_tokens=8, stop_ids={t[2] for t in greedy})
+        for row, tokens in enumerate(out.tokens):
+            end = next(i for i, t in enumerate(greedy[row]) if t in {g[2] for g in greedy})
+            assert tokens == greedy[row][:end] and len(out.entropies[row]) == end <= 2
+        # Every row stops at once: decoding ends at the first stop check, not after 40 tokens.
+        out = decode(prompt_case[0], _prefill(prompt_case), rollouts=1, max_new_tokens=40,
+                     stop_ids={t[0] for t in greedy})
+    assert out.tokens == [[], [], []] and out.steps == STOP_CHECK_EVERY
+    assert 1 < STOP_CHECK_EVERY < 40  # the host does not wait on the device every step
 
 
 def test_pruning_that_keeps_everything_changes_nothing(prompt_case):
     prompted = _prefill(prompt_case, PruningConfig("ratio", 1.0))
-    assert prompted.kept_ratio == [1.0, 1.0]
+    assert prompted.kept_ratio == [1.0, 1.0, 1.0]
     for row, reference in enumerate(prompt_case[4]):
         torch.testing.assert_close(prompted.next_logits[row], reference, atol=1e-4, rtol=0)
 
@@ -377,22 +465,22 @@ def test_pruning_shortens_sequence_and_cache(prompt_case, pruning, share):
     decoder, prefix_ids, own, *_ = prompt_case
     n_image = prefix_ids.count(decoder.image_token_id)
     prompted = _prefill(prompt_case, pruning)
-    assert prompted.kept_ratio == [pytest.approx(share)] * 2
+    assert prompted.kept_ratio == [pytest.approx(share)] * 3
     kept = round(share * n_image)
     cache = prompted.cache
     assert cache.length == len(prefix_ids) - n_image + kept + max(map(len, own))
     assert all(k.shape[2] == cache.length and v.shape[2] == cache.length for k, v in zip(cache.keys, cache.values))
     is_image = cache.block >= 0
-    assert (is_image & cache.valid).sum(1).tolist() == [kept, kept]
+    assert (is_image & cache.valid).sum(1).tolist() == [kept] * 3
     assert cache.valid.sum(1).tolist() == [len(prefix_ids) - n_image + kept + len(o) for o in own]
     assert not torch.allclose(prompted.next_logits[0], prompt_case[4][0], atol=1e-4)
     # Kept slots keep their original positions: still increasing, inside the prefix range.
-    for row in range(2):
+    for row in range(3):
         positions = cache.pos[row][cache.valid[row]]
         assert (positions[1:] > positions[:-1]).all() and int(positions.max()) == len(prefix_ids) + len(own[row]) - 1
     with torch.no_grad():
         out = decode(decoder, prompted, rollouts=2, max_new_tokens=3, stop_ids=set(), temperature=1.0, seed=1)
-    assert len(out.tokens) == 4 and all(len(t) == 3 for t in out.tokens)
+    assert len(out.tokens) == 6 and all(len(t) == 3 for t in out.tokens)
 
 
 def test_keep_rules():
