@@ -13,9 +13,9 @@ each slice followed by "SLICE n"). One study: 85 slices, 5 topics x 128 new toke
     (``engines.medgemma_decode.StaticDecoder``: fixed-size key/value buffers, one step captured
     as a CUDA graph).
 (c) (b) with Photon-style pruning, ``PruningConfig(keep="ratio", keep_value=0.5 / 0.25)``: each
-    prompt keeps its own image tokens, as the engine does. A bench-only variant ("shared keep")
-    keeps one set for all prompts (mean saliency) so the layers after the pruning layer run on
-    the prefix once; it shows what the engine's per-prompt choice costs.
+    prompt keeps its own image tokens (``scope="prompt"``, the engine's default).
+(c') the same with ``scope="shared"``: one set for all prompts (their mean saliency), so the
+    layers after the pruning layer run on the prefix once; prefill only.
 
 Per path: vision encode, prefill, decode and total (median of ``--repeats`` after a warm-up),
 decode per step at batch 8 (5 topics + 3 questions; on (b) also x 5 sampled rollouts, batch 40),
@@ -49,7 +49,7 @@ import tempfile
 import time
 import traceback
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -70,11 +70,8 @@ from engines.medgemma_pruning import (  # noqa: E402
     Gemma3Decoder,
     Prompted,
     PruningConfig,
-    TokenCache,
-    keep_tokens,
     prefill_prefix,
     prefill_prompts,
-    saliency,
 )
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
@@ -250,60 +247,6 @@ def counted_prefix(decoder: Gemma3Decoder, ids: list[int], features: torch.Tenso
     return prefill_prefix(decoder, torch.tensor(ids), features, layer)
 
 
-# --- Shared-keep pruning (bench-local variant) -------------------------------------------------
-
-
-def prefill_shared_keep(decoder: Gemma3Decoder, prefix_ids: list[int], features: torch.Tensor,
-                        prompts: list[list[int]], pruning: PruningConfig) -> Prompted:
-    """Like ``prefill_prefix`` + ``prefill_prompts`` with pruning, but one keep set for all prompts.
-
-    The prompts run to the pruning layer on the full prefix and score the image tokens; their
-    mean saliency picks one set; the kept prefix runs the remaining layers once (batch 1) and the
-    prompts run them on it. With one prompt it is exactly the engine's pruning.
-    """
-    layer = pruning.layer_for(decoder.num_layers)
-    prefix = counted_prefix(decoder, prefix_ids, features, layer)
-    device, n = decoder.device, len(prompts)
-    longest = max(map(len, prompts))
-    lengths = torch.tensor([len(p) for p in prompts], device=device)
-    ids = torch.tensor([p + [0] * (longest - len(p)) for p in prompts], device=device)
-    valid = torch.arange(longest, device=device)[None] < lengths[:, None]
-    pos = (prefix.length + torch.arange(longest, device=device))[None].expand(n, -1)
-    block = torch.full_like(ids, -1)
-    cache = prefix.cache
-    # 1. The prompts up to the pruning layer, on a per-prompt copy of the (full) prefix.
-    scoring = TokenCache(decoder.num_layers)
-    scoring.keys, scoring.values = list(cache.keys), list(cache.values)
-    scoring.pos, scoring.valid, scoring.block = cache.pos, cache.valid, cache.block
-    scoring.select_rows(torch.zeros(n, dtype=torch.long, device=device))
-    scoring.add_slots(pos, valid, block)
-    hidden = decoder.run_layers(decoder.embed(ids), pos, block, scoring, 0, layer)
-    # 2. One keep set from the prompts' mean saliency.
-    image_slots = torch.nonzero(prefix.is_image).squeeze(1)
-    _, k_image = decoder.queries_keys(layer, prefix.hidden[:, image_slots], cache.pos[:, image_slots])
-    q_prompt, k_prompt = decoder.queries_keys(layer, hidden, pos)
-    scores = [saliency(q_prompt[r, :, :m], k_prompt[r, :, :m], k_image[0], decoder.scaling(layer))
-              for r, m in enumerate(lengths.tolist())]
-    keep = keep_tokens(torch.stack(scores).mean(0), pruning)
-    slots = ~prefix.is_image.clone()
-    slots[image_slots[keep]] = True
-    index = torch.nonzero(slots).squeeze(1)[None]
-    # 3. The kept prefix runs the remaining layers once.
-    cache.gather_slots(index, torch.ones_like(index, dtype=torch.bool))
-    decoder.run_layers(prefix.hidden[:, index[0]], cache.pos, cache.block, cache, layer, decoder.num_layers)
-    # 4. The prompts: their first layers' keys/values from step 1, the rest on the kept prefix.
-    cache.select_rows(torch.zeros(n, dtype=torch.long, device=device))
-    cache.add_slots(pos, valid, block)
-    for i in range(layer):
-        cache.keys[i] = torch.cat([cache.keys[i], scoring.keys[i][:, :, -longest:]], 2)
-        cache.values[i] = torch.cat([cache.values[i], scoring.values[i][:, :, -longest:]], 2)
-    del scoring
-    out = decoder.run_layers(hidden, pos, block, cache, layer, decoder.num_layers)
-    last = out[torch.arange(n, device=device), lengths - 1]
-    share = float(keep.float().mean()) if keep.numel() else 1.0
-    return Prompted(cache, decoder.logits(last), prefix.length + lengths, [share] * n)
-
-
 # --- The measurements --------------------------------------------------------------------------
 
 
@@ -378,7 +321,7 @@ def sdpa_probe(device: torch.device, dtype: torch.dtype, n: int = 4096) -> dict:
 
 
 def readout_study(decoder: Gemma3Decoder, inputs: StudyInputs, shapes: Shapes, pruning: PruningConfig,
-                  clock: Clock, *, shared_keep: bool = False, static: StaticDecoder | None = None,
+                  clock: Clock, *, static: StaticDecoder | None = None,
                   graph: bool = False, decode_steps: bool = True) -> tuple[dict, StaticDecoder | None, Prompted]:
     """One study on Readout's path; returns its phase times and the engine's decoder (made on first
     use: its buffers, and graph, are reused by the next studies, as a server would)."""
@@ -388,13 +331,9 @@ def readout_study(decoder: Gemma3Decoder, inputs: StudyInputs, shapes: Shapes, p
     features = encode_slices(decoder, inputs.pixel_values, shapes.vision_batch)
     t1 = clock.mark()
     COUNTS["prompt_rows"] += len(inputs.topics)
-    if shared_keep:
-        prompted = prefill_shared_keep(decoder, inputs.prefix, features, inputs.topics, pruning)
-        t2 = t1
-    else:
-        prefix = counted_prefix(decoder, inputs.prefix, features, layer)
-        t2 = clock.mark()
-        prompted = prefill_prompts(decoder, prefix, inputs.topics, pruning)
+    prefix = counted_prefix(decoder, inputs.prefix, features, layer)
+    t2 = clock.mark()
+    prompted = prefill_prompts(decoder, prefix, inputs.topics, pruning)
     t3 = clock.mark()
     if decode_steps:
         if static is None:
@@ -404,9 +343,8 @@ def readout_study(decoder: Gemma3Decoder, inputs: StudyInputs, shapes: Shapes, p
         static.run()  # no stop ids: every token is decoded
     t4 = clock.mark()
     times = {"vision_s": clock.seconds(t0, t1), "prefill_s": clock.seconds(t1, t3), "decode_s": clock.seconds(t3, t4),
-             "total_s": clock.seconds(t0, t4)}
-    if not shared_keep:
-        times["prefix_prefill_s"], times["prompts_prefill_s"] = clock.seconds(t1, t2), clock.seconds(t2, t3)
+             "total_s": clock.seconds(t0, t4),
+             "prefix_prefill_s": clock.seconds(t1, t2), "prompts_prefill_s": clock.seconds(t2, t3)}
     times["counts"] = {k: COUNTS[k] - before[k] for k in COUNTS}
     return times, static, prompted
 
@@ -420,16 +358,16 @@ def summarize(runs: list[dict]) -> dict:
 
 
 def measure_readout(run: Run, key: str, decoder: Gemma3Decoder, inputs: StudyInputs, shapes: Shapes,
-                    pruning: PruningConfig, clock: Clock, device: torch.device, use_graph: bool,
-                    shared_keep: bool = False) -> None:
+                    pruning: PruningConfig, clock: Clock, device: torch.device, use_graph: bool) -> None:
     """(b) or (c): warm-up + repeats of one study; then decode per step at batch 8 (each with its own peak)."""
     reset_peak(device)
     stage: dict = {"keep": pruning.keep_value if pruning.active else 1.0, "rule": pruning.keep,
-                   "shared_keep": shared_keep}
+                   "scope": pruning.scope}
     run.data["stages"][key] = stage
-    decode_steps = not shared_keep  # the shared-keep variant is about prefill only
-    times, static, prompted = readout_study(decoder, inputs, shapes, pruning, clock, shared_keep=shared_keep,
-                                            graph=use_graph, decode_steps=decode_steps)
+    # The shared scope is measured for its prefill; its decode is (c)'s (same context length).
+    decode_steps = not (pruning.active and pruning.scope == "shared")
+    times, static, prompted = readout_study(decoder, inputs, shapes, pruning, clock, graph=use_graph,
+                                            decode_steps=decode_steps)
     stage["warmup_s"] = round(times["total_s"], 3)
     if static is not None:
         stage["decode_impl"] = decode_impl(static)
@@ -441,8 +379,8 @@ def measure_readout(run: Run, key: str, decoder: Gemma3Decoder, inputs: StudyInp
     del prompted
     runs = []
     for _ in range(shapes.repeats):
-        times, static, prompted = readout_study(decoder, inputs, shapes, pruning, clock, shared_keep=shared_keep,
-                                                static=static, decode_steps=decode_steps)
+        times, static, prompted = readout_study(decoder, inputs, shapes, pruning, clock, static=static,
+                                                decode_steps=decode_steps)
         runs.append(times)
         del prompted
     stage.update(summarize(runs))
@@ -650,15 +588,13 @@ def check_decoder(model, decoder: Gemma3Decoder, inputs: StudyInputs, shapes: Sh
 
 
 def check_shared_keep(decoder: Gemma3Decoder, inputs: StudyInputs, shapes: Shapes, pruning: PruningConfig) -> dict:
-    """With one prompt the shared-keep variant must be the engine's pruning exactly."""
-    features = encode_slices(decoder, inputs.pixel_values, shapes.vision_batch)
+    """With one prompt, ``scope="shared"`` must give what ``scope="prompt"`` gives (at this dtype)."""
     one = inputs.topics[:1]
-    ours = prefill_shared_keep(decoder, inputs.prefix, features, one, pruning)
-    prefix = counted_prefix(decoder, inputs.prefix, features, pruning.layer_for(decoder.num_layers))
-    engine = prefill_prompts(decoder, prefix, one, pruning)
-    diff = (ours.next_logits - engine.next_logits).abs().max().item()
-    return {"max_logit_diff": diff, "kept": ours.kept_ratio[0], "engine_kept": engine.kept_ratio[0],
-            "cache_slots": [ours.cache.length, engine.cache.length]}
+    shared = _prompted(decoder, inputs, one, replace(pruning, scope="shared"), shapes)
+    per_prompt = _prompted(decoder, inputs, one, replace(pruning, scope="prompt"), shapes)
+    diff = (shared.next_logits - per_prompt.next_logits).abs().max().item()
+    return {"max_logit_diff": diff, "kept": shared.kept_ratio[0], "engine_kept": per_prompt.kept_ratio[0],
+            "cache_slots": [shared.cache.length, per_prompt.cache.length]}
 
 
 # --- Report ------------------------------------------------------------------------------------
@@ -678,7 +614,7 @@ def targets(data: dict) -> list[dict]:
     rows.append({"target": "decode <= 10 ms/step at batch 8", "value": value, "unit": "ms",
                  "pass": None if value is None else value <= TARGETS["decode_b8_ms"]})
     for key, label in (("c25", "(c) prefill cut >= 3x at 25% kept"),
-                       ("c25_shared", "(c') shared keep, prefill cut >= 3x at 25% kept (bench variant)")):
+                       ("c25_shared", "(c') shared keep, prefill cut >= 3x at 25% kept")):
         stage = stages.get(key, {})
         value = (b["prefill_s"] / stage["prefill_s"]) if "prefill_s" in b and stage.get("prefill_s") else None
         if key == "c25_shared" and not stage:
@@ -710,7 +646,8 @@ def render(data: dict) -> str:
     rows = [("naive", "(a) naive: HF generate, dynamic cache, topic by topic"),
             ("b", "(b) Readout: prefix prefilled once, topics batched"),
             ("c50", "(c) (b) + pruning, 50% kept"), ("c25", "(c) (b) + pruning, 25% kept"),
-            ("c50_shared", "(c') shared keep, 50% (bench variant)"), ("c25_shared", "(c') shared keep, 25% (bench variant)")]
+            ("c50_shared", "(c') (c) with scope=\"shared\", 50% kept"),
+            ("c25_shared", "(c') (c) with scope=\"shared\", 25% kept")]
     for key, label in rows:
         s = stages.get(key)
         if not s:
@@ -752,11 +689,11 @@ def render(data: dict) -> str:
         out += ["", "Decode per step with the engine's decoder (`engines.medgemma_decode`), 5 topics + 3 questions:",
                 "", *b8_rows]
     split = [f"{key} {_f(stages[key]['prefix_prefill_s'], 3)} + {_f(stages[key]['prompts_prefill_s'], 3)} s"
-             for key in ("b", "c50", "c25") if "prefix_prefill_s" in stages.get(key, {})]
+             for key in ("b", "c50", "c25", "c50_shared", "c25_shared") if "prefix_prefill_s" in stages.get(key, {})]
     if split:
         out += ["", f"Prefill split, shared prefix + {cfg.get('topics')} prompts (with pruning: prefix up to layer "
                     f"{data.get('pruning_layer')}, then per prompt scoring and the remaining layers on its kept "
-                    f"tokens): " + "; ".join(split) + "."]
+                    f"tokens; with a shared keep, those layers run on the kept prefix once): " + "; ".join(split) + "."]
     probe = data.get("sdpa_probe", {})
     if probe:
         cells = "; ".join(f"{label}: " + ", ".join(f"{k} {'refused' if isinstance(v, str) else _f(v)}"
@@ -917,16 +854,16 @@ def main(argv: list[str] | None = None) -> int:
                 run.log(f"SDPA probe: {run.data['sdpa_probe']}")
             except Exception as exc:  # noqa: BLE001
                 run.error("sdpa_probe", exc)
-        configs = [("b", PruningConfig(), False), ("c50", PruningConfig(keep="ratio", keep_value=0.5), False),
-                   ("c25", PruningConfig(keep="ratio", keep_value=0.25), False),
-                   ("c50_shared", PruningConfig(keep="ratio", keep_value=0.5), True),
-                   ("c25_shared", PruningConfig(keep="ratio", keep_value=0.25), True)]
-        for key, pruning, shared in configs:
-            if shared and run.elapsed() > budget * 0.55:
+        configs = [("b", PruningConfig()), ("c50", PruningConfig(keep="ratio", keep_value=0.5)),
+                   ("c25", PruningConfig(keep="ratio", keep_value=0.25)),
+                   ("c50_shared", PruningConfig(keep="ratio", keep_value=0.5, scope="shared")),
+                   ("c25_shared", PruningConfig(keep="ratio", keep_value=0.25, scope="shared"))]
+        for key, pruning in configs:
+            if pruning.scope == "shared" and run.elapsed() > budget * 0.55:
                 run.data["skipped"].append(f"{key}: time budget")
                 continue
             try:
-                measure_readout(run, key, decoder, inputs, shapes, pruning, clock, device, use_graph, shared)
+                measure_readout(run, key, decoder, inputs, shapes, pruning, clock, device, use_graph)
             except Exception as exc:  # noqa: BLE001
                 run.error(key, exc)
 

@@ -725,7 +725,8 @@ class MedGemmaEngine:
                    "tokens": sampled.tokens, "slice_indices": list(sampled.layout.selected),
                    "rollouts": request.rollouts,
                    "pruning": {"keep": pruning.keep, "keep_value": pruning.keep_value, "min_keep": pruning.min_keep,
-                               "layer": pruning.layer_for(self.decoder.num_layers) if pruning.active else None},
+                               "layer": pruning.layer_for(self.decoder.num_layers) if pruning.active else None,
+                               "scope": pruning.scope},
                    "mean_kept_ratio": round(float(np.mean(kept)), 4) if kept else None},
         )
 

@@ -14,7 +14,10 @@ itself so that:
 - optionally, at about a quarter of the depth, the image tokens are scored by the prompt's
   attention (Photon's centrality-weighted saliency, KNOWLEDGE.md section 5) and the ones a
   rule does not keep are removed from the hidden states and from the keys/values of the
-  layers already run; the kept ones keep their original positions and image blocks.
+  layers already run; the kept ones keep their original positions and image blocks. Each
+  prompt keeps its own set (``scope="prompt"``), or all prompts of a read share one set
+  chosen from their mean saliency (``scope="shared"``), so the kept prefix runs the
+  remaining layers once instead of once per prompt.
 
 Only the decoder layer modules of ``transformers`` are called (their projections, norms and
 attention kernels); the loop, cache and masks are here so they can be read top to bottom.
@@ -28,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 KEEP_RULES = ("off", "threshold", "top_p", "ratio")
+KEEP_SCOPES = ("prompt", "shared")
 
 
 @dataclass(frozen=True)
@@ -48,12 +52,19 @@ class PruningConfig:
     layer:
         Decoder layer whose attention scores the tokens and from which they are removed;
         ``None`` means ``num_hidden_layers // 4``.
+    scope:
+        ``prompt`` (each prompt keeps its own set, Photon's per-question scheduling; the
+        layers after the pruning layer then run the kept prefix once per prompt) or
+        ``shared`` (one set for all prompts of a read, chosen from their mean saliency; the
+        kept prefix runs those layers once; for many-topic reads where speed matters).
+        With one prompt both give the same result.
     """
 
     keep: str = "off"
     keep_value: float = 0.5
     min_keep: float = 0.05
     layer: int | None = None
+    scope: str = "prompt"
 
     def __post_init__(self) -> None:
         if self.keep not in KEEP_RULES:
@@ -66,6 +77,8 @@ class PruningConfig:
             raise ValueError(f"pruning min_keep must be a share in [0, 1], got {self.min_keep}")
         if self.layer is not None and self.layer < 0:
             raise ValueError(f"pruning layer must be >= 0, got {self.layer}")
+        if self.scope not in KEEP_SCOPES:
+            raise ValueError(f"pruning scope must be one of {', '.join(KEEP_SCOPES)}, got {self.scope!r}")
 
     @property
     def active(self) -> bool:
@@ -186,6 +199,13 @@ class TokenCache:
             self.keys[layer_idx] = torch.cat([self.keys[layer_idx], key_states], 2)
             self.values[layer_idx] = torch.cat([self.values[layer_idx], value_states], 2)
         return self.keys[layer_idx], self.values[layer_idx]
+
+    def copy(self) -> TokenCache:
+        """A new cache over the same tensors (they are replaced, never changed in place)."""
+        other = TokenCache(len(self.keys))
+        other.keys, other.values = list(self.keys), list(self.values)
+        other.pos, other.valid, other.block = self.pos, self.valid, self.block
+        return other
 
     def select_rows(self, index: torch.Tensor) -> None:
         """Rows become ``self[index]`` (a copy): one shared prefix row to one row per prompt."""
@@ -364,11 +384,14 @@ def prefill_prompts(decoder: Gemma3Decoder, prefix: Prefix, prompts: list[list[i
 
     Without pruning the prompts attend to the prefix's cache of every layer. With pruning
     they run up to the pruning layer on the shared cache; there each prompt scores the image
-    tokens, keeps some, and the kept prefix slots plus the prompt run the remaining layers
-    (per prompt, since each keeps its own set).
+    tokens. With ``scope="prompt"`` each keeps its own set and the kept prefix slots plus the
+    prompt run the remaining layers per prompt; with ``scope="shared"`` the prompts' mean
+    saliency picks one set, the kept prefix runs the remaining layers once, and the prompts
+    run them on it.
     """
     if not prompts or any(not p for p in prompts):
         raise ValueError("every prompt needs at least one token after the shared prefix")
+    pruning = pruning or PruningConfig()
     device = decoder.device
     n, longest = len(prompts), max(map(len, prompts))
     lengths = torch.tensor([len(p) for p in prompts], device=device)
@@ -376,34 +399,47 @@ def prefill_prompts(decoder: Gemma3Decoder, prefix: Prefix, prompts: list[list[i
     valid = torch.arange(longest, device=device)[None] < lengths[:, None]
     pos = (prefix.length + torch.arange(longest, device=device))[None].expand(n, -1)
     block = torch.full_like(ids, -1)
-    cache = prefix.cache
+    shared = prefix.hidden is not None and pruning.scope == "shared"
+    # A shared keep prunes the prefix's own one-row cache later; the prompts score on a copy.
+    cache = prefix.cache.copy() if shared else prefix.cache
     cache.select_rows(torch.zeros(n, dtype=torch.long, device=device))
     cache.add_slots(pos, valid, block)
     hidden = decoder.run_layers(decoder.embed(ids), pos, block, cache, 0, prefix.stop)
     offset, kept_ratio = 0, None
-    if prefix.hidden is not None:
-        hidden, offset, kept_ratio = _prune(decoder, prefix, hidden, pos, lengths, cache, pruning or PruningConfig())
+    if shared:
+        hidden, cache, kept_ratio = _prune_shared(decoder, prefix, hidden, pos, valid, lengths, cache, pruning)
+    elif prefix.hidden is not None:
+        hidden, offset, kept_ratio = _prune(decoder, prefix, hidden, pos, lengths, cache, pruning)
     last = hidden[torch.arange(n, device=device), offset + lengths - 1]
     return Prompted(cache, decoder.logits(last), prefix.length + lengths, kept_ratio)
 
 
-def _prune(decoder: Gemma3Decoder, prefix: Prefix, hidden: torch.Tensor, pos: torch.Tensor, lengths: torch.Tensor,
-           cache: TokenCache, pruning: PruningConfig) -> tuple[torch.Tensor, int, list[float]]:
-    """Score, keep, drop; then run the layers from the pruning layer on. Returns the prompts'
-    final hidden states, where their own tokens start, and the kept share per prompt."""
-    layer, device = prefix.stop, decoder.device
+def _saliencies(decoder: Gemma3Decoder, prefix: Prefix, hidden: torch.Tensor, pos: torch.Tensor,
+                lengths: torch.Tensor) -> list[torch.Tensor]:
+    """Each prompt's saliency ``[N]`` of the prefix's image tokens at the pruning layer."""
+    layer = prefix.stop
     image_slots = torch.nonzero(prefix.is_image).squeeze(1)
-    prefix_pos = cache.pos[:1, : prefix.length]
+    prefix_pos = prefix.cache.pos[:1, : prefix.length]
     _, k_image = decoder.queries_keys(layer, prefix.hidden[:, image_slots], prefix_pos[:, image_slots])
     q_prompt, k_prompt = decoder.queries_keys(layer, hidden, pos)
-    kept_slots, kept_ratio = [], []
-    for row, n_tokens in enumerate(lengths.tolist()):
-        u = saliency(q_prompt[row, :, :n_tokens], k_prompt[row, :, :n_tokens], k_image[0], decoder.scaling(layer))
-        keep = keep_tokens(u, pruning)
-        slots = ~prefix.is_image.clone()
-        slots[image_slots[keep]] = True
-        kept_slots.append(torch.nonzero(slots).squeeze(1))
-        kept_ratio.append(float(keep.float().mean()) if keep.numel() else 1.0)
+    return [saliency(q_prompt[row, :, :m], k_prompt[row, :, :m], k_image[0], decoder.scaling(layer))
+            for row, m in enumerate(lengths.tolist())]
+
+
+def _kept_slots(prefix: Prefix, keep: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Prefix slots that survive (all text, the kept image tokens) and the kept image share."""
+    slots = ~prefix.is_image.clone()
+    slots[torch.nonzero(prefix.is_image).squeeze(1)[keep]] = True
+    return torch.nonzero(slots).squeeze(1), float(keep.float().mean()) if keep.numel() else 1.0
+
+
+def _prune(decoder: Gemma3Decoder, prefix: Prefix, hidden: torch.Tensor, pos: torch.Tensor, lengths: torch.Tensor,
+           cache: TokenCache, pruning: PruningConfig) -> tuple[torch.Tensor, int, list[float]]:
+    """Per prompt: score, keep, drop; then run the layers from the pruning layer on. Returns the
+    prompts' final hidden states, where their own tokens start, and the kept share per prompt."""
+    layer, device = prefix.stop, decoder.device
+    kept = [_kept_slots(prefix, keep_tokens(u, pruning)) for u in _saliencies(decoder, prefix, hidden, pos, lengths)]
+    kept_slots, kept_ratio = [s for s, _ in kept], [r for _, r in kept]
     longest = max(len(s) for s in kept_slots)
     index = torch.zeros(len(kept_slots), longest, dtype=torch.long, device=device)
     real = torch.zeros(len(kept_slots), longest, dtype=torch.bool, device=device)
@@ -415,3 +451,29 @@ def _prune(decoder: Gemma3Decoder, prefix: Prefix, hidden: torch.Tensor, pos: to
     combined = torch.cat([kept_hidden, hidden], 1)
     out = decoder.run_layers(combined, cache.pos, cache.block, cache, layer, decoder.num_layers)
     return out, longest, kept_ratio
+
+
+def _prune_shared(decoder: Gemma3Decoder, prefix: Prefix, hidden: torch.Tensor, pos: torch.Tensor,
+                  valid: torch.Tensor, lengths: torch.Tensor, scoring: TokenCache,
+                  pruning: PruningConfig) -> tuple[torch.Tensor, TokenCache, list[float]]:
+    """One keep set from the prompts' mean saliency; the kept prefix runs the layers from the
+    pruning layer on once (one row), then the prompts run them on it. ``scoring`` holds the
+    prompts' rows up to the pruning layer. Returns the prompts' final hidden states (their own
+    tokens only), the cache to decode on and the kept share (the same for every prompt)."""
+    layer, n, device = prefix.stop, len(lengths), decoder.device
+    keep = keep_tokens(torch.stack(_saliencies(decoder, prefix, hidden, pos, lengths)).mean(0), pruning)
+    slots, share = _kept_slots(prefix, keep)
+    cache = prefix.cache  # still one row over the whole prefix, layers before the pruning layer
+    cache.gather_slots(slots[None], torch.ones(1, len(slots), dtype=torch.bool, device=device))
+    decoder.run_layers(prefix.hidden[:, slots], cache.pos, cache.block, cache, layer, decoder.num_layers)
+    # The prompts' keys/values of the first layers were computed on the full prefix (as with a
+    # per-prompt keep); they follow the kept prefix in the cache.
+    text = torch.full_like(pos, -1)
+    cache.select_rows(torch.zeros(n, dtype=torch.long, device=device))
+    cache.add_slots(pos, valid, text)
+    own = hidden.shape[1]
+    for i in range(layer):
+        cache.keys[i] = torch.cat([cache.keys[i], scoring.keys[i][:, :, -own:]], 2)
+        cache.values[i] = torch.cat([cache.values[i], scoring.values[i][:, :, -own:]], 2)
+    out = decoder.run_layers(hidden, pos, text, cache, layer, decoder.num_layers)
+    return out, cache, [share] * n

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -483,6 +484,68 @@ def test_pruning_shortens_sequence_and_cache(prompt_case, pruning, share):
     assert len(out.tokens) == 6 and all(len(t) == 3 for t in out.tokens)
 
 
+SHARED = PruningConfig("ratio", 0.5, scope="shared")
+
+
+@pytest.mark.parametrize("keep", [PruningConfig("ratio", 0.5), PruningConfig("top_p", 0.6, layer=2)])
+@pytest.mark.parametrize("row", [0, 1, 2])
+def test_shared_scope_with_one_prompt_is_the_prompt_scope(prompt_case, keep, row):
+    per_prompt = _prefill(prompt_case, keep, [row])
+    shared = _prefill(prompt_case, replace(keep, scope="shared"), [row])
+    assert shared.kept_ratio == per_prompt.kept_ratio
+    # The same computation in other matmul shapes: equal up to float rounding (~1e-7 here).
+    torch.testing.assert_close(shared.next_logits, per_prompt.next_logits, atol=1e-6, rtol=0)
+    assert shared.cache.length == per_prompt.cache.length
+    for name in ("pos", "valid", "block"):
+        assert torch.equal(getattr(shared.cache, name), getattr(per_prompt.cache, name)), name
+
+
+def test_shared_scope_keeping_everything_gives_the_full_forward_logits(prompt_case):
+    # Several rows of different lengths: the prompts' first layers' keys follow the kept prefix.
+    prompted = _prefill(prompt_case, PruningConfig("ratio", 1.0, scope="shared"))
+    assert prompted.kept_ratio == [1.0, 1.0, 1.0]
+    for row, reference in enumerate(prompt_case[4]):
+        torch.testing.assert_close(prompted.next_logits[row], reference, atol=1e-4, rtol=0)
+
+
+def _layer_inputs(decoder, pruning: PruningConfig, case) -> tuple[list[tuple[int, int]], object]:
+    """Shapes (rows, tokens) of every call of the pruning layer's decoder layer, and the result."""
+    layer = decoder.lm.layers[pruning.layer_for(decoder.num_layers)]
+    shapes = []
+    hook = layer.register_forward_pre_hook(lambda module, args: shapes.append(tuple(args[0].shape[:2])))
+    try:
+        prompted = _prefill(case, pruning)
+    finally:
+        hook.remove()
+    return shapes, prompted
+
+
+def test_shared_scope_keeps_one_set_and_runs_the_prefix_once(prompt_case):
+    decoder, prefix_ids, own, *_ = prompt_case
+    n_image, longest = prefix_ids.count(decoder.image_token_id), max(map(len, own))
+    kept_prefix = len(prefix_ids) - n_image + n_image // 2
+    shapes, prompted = _layer_inputs(decoder, SHARED, prompt_case)
+    # The kept prefix runs the layers after the pruning layer once, then the prompts on it.
+    assert shapes == [(1, kept_prefix), (3, longest)]
+    per_prompt_shapes, _ = _layer_inputs(decoder, PruningConfig("ratio", 0.5), prompt_case)
+    assert per_prompt_shapes == [(3, kept_prefix + longest)]  # once per prompt
+    assert prompted.kept_ratio == [0.5] * 3
+    cache = prompted.cache
+    assert cache.length == kept_prefix + longest
+    assert all(k.shape[:3] == (3, k.shape[1], cache.length) for k in cache.keys)
+    prefix_slots = slice(0, kept_prefix)
+    for name in ("pos", "valid", "block"):  # one set: every row holds the same prefix slots
+        t = getattr(cache, name)[:, prefix_slots]
+        assert (t == t[:1]).all(), name
+    assert ((cache.block >= 0) & cache.valid).sum(1).tolist() == [n_image // 2] * 3
+    assert cache.valid.sum(1).tolist() == [kept_prefix + len(o) for o in own]
+    again = _prefill(prompt_case, SHARED)
+    assert torch.equal(again.next_logits, prompted.next_logits) and torch.equal(again.cache.pos, cache.pos)
+    with torch.no_grad():
+        out = decode(decoder, prompted, rollouts=2, max_new_tokens=3, stop_ids=set(), temperature=1.0, seed=1)
+    assert len(out.tokens) == 6 and all(len(t) == 3 for t in out.tokens)
+
+
 def test_keep_rules():
     u = torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0])  # rho = 0, .25, .5, .75, 1
     assert keep_tokens(u, PruningConfig("threshold", 0.5, min_keep=0)).tolist() == [False, False, False, True, True]
@@ -511,7 +574,7 @@ def test_saliency_follows_photons_formula():
 
 @pytest.mark.parametrize("kwargs", [{"keep": "half"}, {"keep": "threshold", "keep_value": 1.0},
                                     {"keep": "top_p", "keep_value": 0.0}, {"keep": "ratio", "keep_value": 1.5},
-                                    {"min_keep": 2.0}, {"layer": -1}])
+                                    {"min_keep": 2.0}, {"layer": -1}, {"keep": "ratio", "scope": "bogus"}])
 def test_pruning_config_validates(kwargs):
     with pytest.raises(ValueError, match="pruning"):
         PruningConfig(**kwargs)
@@ -522,7 +585,7 @@ def test_pruning_config_validates(kwargs):
 # --- the engine ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("pruning", [PruningConfig(), PruningConfig("top_p", 0.6)])
+@pytest.mark.parametrize("pruning", [PruningConfig(), PruningConfig("top_p", 0.6), SHARED])
 def test_engine_reads_a_volume(tiny, pruning):
     model, processor = tiny
     engine = MedGemmaEngine(model, processor, max_new_tokens=6, max_slices=8, pruning=pruning)
@@ -539,11 +602,23 @@ def test_engine_reads_a_volume(tiny, pruning):
     assert extra["slice_indices"] == select_slice_indices(12, 8)
     assert extra["tokens"]["image"] == 8 * TOKENS_PER_IMAGE and extra["tokens"]["slices"] == 8
     assert set(extra["tokens"]["prompts"]) == {"lungs", "heart", QUESTIONS[0]}
+    assert extra["pruning"]["scope"] == pruning.scope
     if pruning.active:
         assert 0 < extra["mean_kept_ratio"] <= 1 and all("kept_ratio" in t.extra for t in result.topics)
+        if pruning.scope == "shared":  # one set for every prompt of the read
+            assert {t.extra["kept_ratio"] for t in result.topics} == {0.5}
     else:
         assert extra["mean_kept_ratio"] is None and "kept_ratio" not in result.topics[0].extra
     assert engine.run(volume, request).to_dict()["topics"] == result.to_dict()["topics"]  # seeded
+
+
+def test_settings_choose_the_pruning_scope(tiny_folder, monkeypatch):
+    from engines.registry import create_engine
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    engine = create_engine("medgemma", model_path=tiny_folder,
+                           pruning={"keep": "top_p", "keep_value": 0.5, "scope": "shared"})
+    assert engine.pruning == PruningConfig("top_p", 0.5, scope="shared")
 
 
 def test_consensus_findings_from_rollouts(engine):
