@@ -455,3 +455,26 @@ def test_a_runner_started_on_its_own_reads_for_a_remote_orthanc(pacs, tmp_path: 
     finally:
         runner.terminate()
         runner.wait(timeout=30)
+
+
+def test_medgemma_engine_reads_through_orthanc(server, tmp_path: Path, monkeypatch) -> None:
+    """Rules route a study to the MedGemma engine (a tiny random Gemma 3 here): same runner, same writers."""
+    from tests.tiny_gemma import save_tiny_medgemma
+
+    model_path = save_tiny_medgemma(tmp_path / "tiny-medgemma")
+    orthanc = server()
+    orthanc.settings["engines"] = {"medgemma": {"model_path": str(model_path), "max_new_tokens": 8, "rollouts": 2,
+                                                "pruning": {"keep": "ratio", "keep_value": 0.5, "scope": "shared"}}}
+    rules = json.loads((REPO / "config" / "rules.json").read_text())
+    rules["rules"][0]["engine"] = "medgemma"
+    orthanc.rules = rules
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # inherited by Orthanc and its runner: nothing may be fetched
+    orthanc.start()
+    study_uid, _ = small_study(tmp_path / "study", seed=41)
+    orthanc.send(tmp_path / "study")
+    [job] = orthanc.wait_jobs(study_uid, timeout_s=180)
+    assert job["engine"] == "medgemma" and "LUNGS" in job["outputs"]["report"]
+    sr_series = orthanc.series_by_modality(study_uid)["SR"]
+    assert len(sr_series) == 1 and "medgemma" in sr_series[0]["MainDicomTags"]["SeriesDescription"]
+    sr_path = _download(orthanc, sr_series[0], tmp_path / "sr.dcm")
+    assert dciodvfy_errors(sr_path) == [] and dsrdump_errors(sr_path) == []
