@@ -35,3 +35,13 @@ def make_phantom_study(tmp_path_factory: pytest.TempPathFactory) -> Callable[...
         return made[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random MedGemma-shaped checkpoint (tests/tiny_gemma.py), saved once per session."""
+    from tests.tiny_gemma import (
+        save_tiny_medgemma,  # transformers: only for the tests that need it
+    )
+
+    return save_tiny_medgemma(tmp_path_factory.mktemp("tiny-medgemma"))

@@ -45,12 +45,7 @@ from engines.phantom import QUESTIONS
 from engines.report import ReadRequest
 from engines.results import StudyResult
 from engines.volume import Volume
-from tests.tiny_gemma import TOKENS_PER_IMAGE, save_tiny_medgemma
-
-
-@pytest.fixture(scope="session")
-def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_tiny_medgemma(tmp_path_factory.mktemp("tiny-medgemma"))
+from tests.tiny_gemma import TOKENS_PER_IMAGE
 
 
 @pytest.fixture(scope="session")
@@ -450,7 +445,7 @@ def test_decoding_stops_at_stop_tokens(prompt_case):
         out = decode(prompt_case[0], _prefill(prompt_case), rollouts=1, max_new_tokens=40,
                      stop_ids={t[0] for t in greedy})
     assert out.tokens == [[], [], []] and out.steps == STOP_CHECK_EVERY
-    assert 1 < STOP_CHECK_EVERY < 40  # the host does not wait on the device every step
+    assert 2 <= STOP_CHECK_EVERY < 40  # the host does not wait on the device every step
 
 
 def test_pruning_that_keeps_everything_changes_nothing(prompt_case):

@@ -28,12 +28,6 @@ from engines.phantom import TOPICS
 from engines.report import ReadRequest
 from engines.results import StudyResult
 from engines.series import load_study_volume
-from tests.tiny_gemma import save_tiny_medgemma
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_tiny_medgemma(tmp_path_factory.mktemp("tiny-medgemma-cli"))
 
 
 @pytest.mark.slow

@@ -457,13 +457,10 @@ def test_a_runner_started_on_its_own_reads_for_a_remote_orthanc(pacs, tmp_path: 
         runner.wait(timeout=30)
 
 
-def test_medgemma_engine_reads_through_orthanc(server, tmp_path: Path, monkeypatch) -> None:
+def test_medgemma_engine_reads_through_orthanc(server, tiny_folder: Path, tmp_path: Path, monkeypatch) -> None:
     """Rules route a study to the MedGemma engine (a tiny random Gemma 3 here): same runner, same writers."""
-    from tests.tiny_gemma import save_tiny_medgemma
-
-    model_path = save_tiny_medgemma(tmp_path / "tiny-medgemma")
     orthanc = server()
-    orthanc.settings["engines"] = {"medgemma": {"model_path": str(model_path), "max_new_tokens": 8, "rollouts": 2,
+    orthanc.settings["engines"] = {"medgemma": {"model_path": str(tiny_folder), "max_new_tokens": 8, "rollouts": 2,
                                                 "pruning": {"keep": "ratio", "keep_value": 0.5, "scope": "shared"}}}
     rules = json.loads((REPO / "config" / "rules.json").read_text())
     rules["rules"][0]["engine"] = "medgemma"
