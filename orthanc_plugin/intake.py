@@ -15,7 +15,7 @@ from typing import Any
 
 from orthanc_plugin.jobs import Job, JobStore
 from orthanc_plugin.orthanc_client import OrthancError
-from orthanc_plugin.rules import Rule, RuleSet, select_series
+from orthanc_plugin.rules import Rule, RuleSet, SeriesChoice, select_series
 from orthanc_plugin.studies import GetJson, StoredStudy, read_study
 
 log = logging.getLogger("readout.intake")
@@ -33,12 +33,18 @@ def enqueue_read(store: JobStore, study: StoredStudy, rule: Rule) -> Job:
         "priority": rule.priority, "destinations": rule.destinations,
     }
     if choice.series is None:
-        return store.enqueue(**common, series={"reasons": choice.reasons}, state="failed", error=choice.summary())
+        return store.enqueue(**common, series=series_record(choice), state="failed", error=choice.summary())
+    return store.enqueue(**common, series=series_record(choice))
+
+
+def series_record(choice: SeriesChoice) -> dict[str, Any]:
+    """What a job keeps of its series choice: the series read (if any) and why each was taken or not."""
+    if choice.series is None:
+        return {"reasons": choice.reasons}
     tags = choice.series.tags
-    series = {"id": choice.series.orthanc_id, "series_instance_uid": tags.get("SeriesInstanceUID", ""),
-              "number": tags.get("SeriesNumber", ""), "description": tags.get("SeriesDescription", ""),
-              "instances": choice.series.instances, "reasons": choice.reasons}
-    return store.enqueue(**common, series=series)
+    return {"id": choice.series.orthanc_id, "series_instance_uid": tags.get("SeriesInstanceUID", ""),
+            "number": tags.get("SeriesNumber", ""), "description": tags.get("SeriesDescription", ""),
+            "instances": choice.series.instances, "reasons": choice.reasons}
 
 
 class Intake:

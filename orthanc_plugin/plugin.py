@@ -107,7 +107,7 @@ def register() -> None:
     state: dict[str, Any] = {}
 
     def rest(output, uri: str, **request) -> None:
-        query = {k: v for k, v in request.get("get", {}).items()}
+        query = dict(request.get("get", {}))
         status, answer = api.handle(request["method"], request["groups"][0], query, request.get("body") or b"")
         body = json.dumps(answer, indent=1)
         if status < 300:

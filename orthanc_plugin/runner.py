@@ -32,7 +32,7 @@ from engines.series import load_study_volume
 from engines.volume import VolumeError
 from orthanc_plugin.active_rules import ActiveRules
 from orthanc_plugin.destinations import deliver
-from orthanc_plugin.intake import PAGE, Intake
+from orthanc_plugin.intake import PAGE, Intake, series_record
 from orthanc_plugin.jobs import Job, JobStore
 from orthanc_plugin.orthanc_client import OrthancClient, OrthancError
 from orthanc_plugin.rules import select_series
@@ -234,7 +234,7 @@ class Runner:
         choice = select_series(self.rules.validate({"rules": [job.request]}).rules[0], study.info)
         if choice.series is None:
             raise NoSeriesFits(choice.summary())
-        self.store.update(job.id, self.owner, series={"id": choice.series.orthanc_id, "reasons": choice.reasons})
+        self.store.update(job.id, self.owner, series=series_record(choice))
         return choice.series.orthanc_id
 
     def _predecessor(self, job: Job) -> pydicom.Dataset | None:
