@@ -235,7 +235,7 @@ class JobStore:
     def update(self, job_id: int, owner: str | None = None, **fields: Any) -> bool:
         """Set fields of a job (JSON fields as Python values); with ``owner``, only while it holds the lease."""
         allowed = {"state", "step", "progress", "error", "series", "timings", "outputs", "destinations",
-                   "next_attempt_at", "study_instance_uid"}
+                   "next_attempt_at", "request"}
         unknown = set(fields) - allowed
         if unknown:
             raise TypeError(f"cannot update {sorted(unknown)}")

@@ -184,11 +184,12 @@ class Runner:
         if options is None:
             raise EngineError(f"engine {job.engine!r} is not configured on this runner "
                               f"(configured: {', '.join(self.settings.engines) or 'none'})")
-        series_id = (job.series or {}).get("id") or self._select_again(job)
+        if not (job.series or {}).get("id"):
+            job = self._select_again(job)
         with tempfile.TemporaryDirectory(prefix="readout-") as folder:
             self._step(job, lost, "fetching", 5)
             started = time.monotonic()
-            self.client.download_series(series_id, Path(folder))
+            self.client.download_series(job.series["id"], Path(folder))
             timed("fetch_s", started)
 
             self._step(job, lost, "loading", 20)
@@ -228,14 +229,19 @@ class Runner:
         finished = self.store.finish_storing(job.id, self.owner)
         log.info("job %d: stored (%d findings), %s", job.id, outputs["findings"], finished.state)
 
-    def _select_again(self, job: Job) -> str:
-        """Choose the series of a job that had none (an admin retried it, maybe after fixing the rules)."""
+    def _select_again(self, job: Job) -> Job:
+        """Choose the series of a job that had none: an admin retried it, likely after changing the
+        rules, so the rule of that name as it is now applies (the job's own copy if it is gone)."""
         study = read_study(self.client.get_json, job.study_id)
-        choice = select_series(self.rules.validate({"rules": [job.request]}).rules[0], study.info)
+        try:
+            rule = self.rules.get().get(job.rule)
+        except KeyError:
+            rule = self.rules.validate({"rules": [job.request]}).rules[0]
+        choice = select_series(rule, study.info)
         if choice.series is None:
             raise NoSeriesFits(choice.summary())
-        self.store.update(job.id, self.owner, series=series_record(choice))
-        return choice.series.orthanc_id
+        self.store.update(job.id, self.owner, series=series_record(choice), request=rule.to_json())
+        return self.store.get(job.id)
 
     def _predecessor(self, job: Job) -> pydicom.Dataset | None:
         """The SR of the newest earlier read of this study by this rule that stored one."""
@@ -260,6 +266,7 @@ def run_runner(orthanc_url: str, settings_path: Path | None, database: Path | No
     runner) or, with ``user``, READOUT_ORTHANC_PASSWORD.
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    logging.getLogger("highdicom").setLevel(logging.WARNING)  # its INFO lines narrate every copied module
     settings = load_settings(settings_path) if settings_path else load_settings()
     auth = (user, os.environ.get("READOUT_ORTHANC_PASSWORD", "")) if user else None
     client = OrthancClient(orthanc_url, token=os.environ.get("READOUT_ORTHANC_TOKEN"), auth=auth)

@@ -184,9 +184,9 @@ def test_bad_input_fails_with_a_reason_and_other_studies_are_read(server, tmp_pa
     for path in sorted((tmp_path / "broken").iterdir()):
         if pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID in {d.SOPInstanceUID for d in datasets[middle - 3:middle + 3]}:
             path.unlink()
-    # A study whose only CT "series" is two images: no series fits the rule.
-    small_uid, _ = small_study(tmp_path / "two", seed=17)
-    for path in sorted((tmp_path / "two").iterdir())[2:]:
+    # A study whose only CT "series" is three images: no series fits the rule.
+    small_uid, _ = small_study(tmp_path / "three", seed=17)
+    for path in sorted((tmp_path / "three").iterdir())[3:]:
         path.unlink()
     # A study with one corrupt file: its pixel data cut short.
     corrupt_uid, _ = small_study(tmp_path / "corrupt", seed=26)
@@ -195,7 +195,7 @@ def test_bad_input_fails_with_a_reason_and_other_studies_are_read(server, tmp_pa
     ds.PixelData = ds.PixelData[: len(ds.PixelData) // 3]
     ds.save_as(victim, enforce_file_format=True)
     good_uid, _ = small_study(tmp_path / "good", seed=18)
-    for name in ("broken", "two", "corrupt", "good"):
+    for name in ("broken", "three", "corrupt", "good"):
         orthanc.send(tmp_path / name)
 
     [broken] = orthanc.wait_jobs(broken_uid, states=("failed",))
@@ -208,6 +208,14 @@ def test_bad_input_fails_with_a_reason_and_other_studies_are_read(server, tmp_pa
     assert orthanc.get("/system")["DicomAet"] == "ORTHANC"  # Orthanc is fine
     assert len(orthanc.get("/studies")) == 4  # nothing was deleted
     assert "SR" not in orthanc.series_by_modality(broken_uid)
+
+    # The admin accepts short series, then retries: the job chooses its series again and reads it.
+    rules = orthanc.get("/readout/rules")["active"]
+    rules["rules"][0]["series"]["min_slices"] = 3
+    assert orthanc.request("PUT", "/readout/rules", data=json.dumps(rules)).status_code == 200
+    assert orthanc.request("POST", f"/readout/jobs/{small['id']}/retry").status_code == 200
+    [small] = orthanc.wait_jobs(small_uid)
+    assert small["series"]["instances"] == 3 and small["outputs"]["sr"]
 
 
 def test_runner_killed_mid_job_is_restarted_and_the_job_finishes_once(server, tmp_path: Path) -> None:
