@@ -218,13 +218,19 @@ def test_bad_input_fails_with_a_reason_and_other_studies_are_read(server, tmp_pa
     assert small["series"]["instances"] == 3 and small["outputs"]["sr"]
 
 
-def test_runner_killed_mid_job_is_restarted_and_the_job_finishes_once(server, tmp_path: Path) -> None:
+def _mid_read(server, tmp_path: Path, seed: int) -> tuple[ReadoutServer, str]:
+    """A server whose engine takes 4 s, with a study sent and its job caught mid-read."""
     orthanc = server()
     orthanc.settings["engines"]["demo"]["seconds"] = 4.0
     orthanc.start()
-    study_uid, _ = small_study(tmp_path / "study", seed=19)
+    study_uid, _ = small_study(tmp_path / "study", seed=seed)
     orthanc.send(tmp_path / "study")
     orthanc.wait(lambda: orthanc.jobs(study_uid)[0]["step"] == "reading", "the job to be mid-read")
+    return orthanc, study_uid
+
+
+def test_runner_killed_mid_job_is_restarted_and_the_job_finishes_once(server, tmp_path: Path) -> None:
+    orthanc, study_uid = _mid_read(server, tmp_path, seed=19)
     first_runner = orthanc.runner_pid()
     os.kill(first_runner, signal.SIGKILL)
     orthanc.wait(lambda: orthanc.runner_pid() not in (None, first_runner), "the supervisor to restart the runner")
@@ -235,12 +241,7 @@ def test_runner_killed_mid_job_is_restarted_and_the_job_finishes_once(server, tm
 
 
 def test_orthanc_killed_mid_job_finishes_after_restart_and_reads_what_arrived_meanwhile(server, tmp_path: Path) -> None:
-    orthanc = server()
-    orthanc.settings["engines"]["demo"]["seconds"] = 4.0
-    orthanc.start()
-    study_uid, _ = small_study(tmp_path / "study", seed=20)
-    orthanc.send(tmp_path / "study")
-    orthanc.wait(lambda: orthanc.jobs(study_uid)[0]["step"] == "reading", "the job to be mid-read")
+    orthanc, study_uid = _mid_read(server, tmp_path, seed=20)
     runner = orthanc.runner_pid()
     orthanc.kill()
     # The orphaned runner notices Orthanc is gone and stops by itself.
