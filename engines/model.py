@@ -1,12 +1,21 @@
 """Readout's demo 3D vision-language model, top to bottom in one file.
 
 Vision: a CT volume resampled to a fixed grid with three HU windows as channels, cut into 3D
-patches, plus one geometry token (grid spacing in mm), through a small bidirectional
-transformer. Language: a decoder-only transformer over [geometry token, visual tokens (plus the
-topic's anatomical region), prompt, answer]. At `schedule_layer` (a quarter of the depth) Photon's
-scheduler decides which visual tokens the rest of the model keeps; at inference they are removed
-from the sequence and from every layer's KV cache, so later layers and decoding run on fewer
-tokens.
+patches by a small convolutional stem (patchify steps with nonlinearities, so a token can say
+where inside it a small lesion sits), with per-axis position embeddings, plus one geometry token
+(grid spacing in mm), through a small bidirectional transformer.
+
+Language: a decoder-only transformer over [geometry token, visual tokens, prompt, answer]. Text
+is causal and sees every (kept) visual token; a visual token sees only itself. The encoder has
+already put the volume in context, and this mask makes the visual tokens' keys and values
+independent of the prompt: they are computed once per volume and shared by every topic,
+question and rollout (training and inference both gain several times over). The topic's
+anatomical region enters each layer as learnt key and value offsets on the visual tokens inside
+it (LLaVA-TA's anatomy awareness, weighted by the share of the token in the region).
+
+At `schedule_layer` (a quarter of the depth) Photon's scheduler decides which visual tokens the
+rest of the model keeps; at inference they are removed from the sequence and from every layer's
+KV cache, so later layers and decoding run on fewer tokens.
 """
 
 from __future__ import annotations
@@ -21,21 +30,21 @@ from torch import nn
 from engines.scheduler import SurrogateGate, TokenScheduler
 
 Pruning = Literal["off", "soft", "hard", "flip"]
-REGIONS = ("lung", "pleura", "heart", "liver", "bone", "body")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int
-    dim: int = 256
-    heads: int = 8
-    encoder_layers: int = 4
+    dim: int = 128
+    heads: int = 4
+    encoder_layers: int = 3
     decoder_layers: int = 8
     schedule_layer: int = 2
     max_text: int = 96
     channels: int = 3
     grid: tuple[int, int, int] = (32, 128, 128)
     patch: tuple[int, int, int] = (4, 16, 16)
+    stem_channels: int = 32
 
     @property
     def tokens_per_axis(self) -> tuple[int, int, int]:
@@ -132,12 +141,19 @@ class ReadoutVLM(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         c = self.config = config
-        self.patch_embed = nn.Conv3d(c.channels, c.dim, kernel_size=c.patch, stride=c.patch)
-        self.visual_position = nn.Parameter(torch.zeros(1, c.visual_tokens, c.dim))
+        s, first = c.stem_channels, tuple(p // 4 for p in c.patch)  # then two stride-2 steps make a patch
+        self.stem = nn.Sequential(
+            nn.Conv3d(c.channels, s, kernel_size=first, stride=first), nn.GELU(),
+            nn.Conv3d(s, 2 * s, kernel_size=2, stride=2), nn.GELU(),
+            nn.Conv3d(2 * s, c.dim, kernel_size=2, stride=2),
+        )
+        self.axis_position = nn.ParameterList(nn.Parameter(torch.zeros(n, c.dim)) for n in c.tokens_per_axis)
         self.geometry = nn.Linear(3, c.dim)
         self.encoder = nn.ModuleList(Block(c.dim, c.heads) for _ in range(c.encoder_layers))
         self.encoder_norm = nn.LayerNorm(c.dim)
-        self.region = nn.Parameter(torch.zeros(c.dim))
+        head_dim = c.dim // c.heads
+        self.region_key = nn.Parameter(torch.zeros(c.decoder_layers, c.heads, head_dim))
+        self.region_value = nn.Parameter(torch.zeros(c.decoder_layers, c.heads, head_dim))
         self.token_embed = nn.Embedding(c.vocab_size, c.dim)
         self.text_position = nn.Embedding(c.max_text, c.dim)
         self.decoder = nn.ModuleList(Block(c.dim, c.heads) for _ in range(c.decoder_layers))
@@ -146,19 +162,39 @@ class ReadoutVLM(nn.Module):
         self.head = nn.Linear(c.dim, c.vocab_size, bias=False)
         self.head.weight = self.token_embed.weight
         # Small embeddings: the head shares token_embed, and N(0, 1) would start with huge logits.
-        for weight in (self.visual_position, self.region, self.token_embed.weight, self.text_position.weight):
+        for weight in (*self.axis_position, self.region_key, self.region_value, self.token_embed.weight,
+                       self.text_position.weight):
             nn.init.normal_(weight, std=0.02)
 
     # --- vision ---------------------------------------------------------------------------
 
     def encode(self, image: torch.Tensor, grid_spacing_mm: torch.Tensor) -> torch.Tensor:
         """[B, C, D, H, W] windows + [B, 3] mm per grid cell → [B, 1 + N, dim] (geometry token first)."""
-        x = self.patch_embed(image).flatten(2).transpose(1, 2) + self.visual_position
+        d, h, w = self.config.tokens_per_axis
+        k, r, c = self.axis_position
+        position = (k[:, None, None] + r[None, :, None] + c[None, None, :]).reshape(d * h * w, -1)
+        x = self.stem(image).flatten(2).transpose(1, 2) + position
         geometry = self.geometry(torch.log(grid_spacing_mm.float()))[:, None, :].to(x.dtype)
         x = torch.cat([geometry, x], dim=1)
         for block in self.encoder:
             x, _ = block(x, None)
         return self.encoder_norm(x)
+
+    def visual_stream(self, visual: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each decoder layer's keys and values [V, H, 1 + N, d] of the encoded volumes [V, 1 + N, dim].
+
+        A visual token attends only to itself, so its attention output is its own projected value.
+        """
+        kv = []
+        x = visual
+        for i, block in enumerate(self.decoder):
+            _, k, v = block.attn.project(block.norm1(x))
+            kv.append((k, v))
+            if i + 1 < len(self.decoder):
+                b, h, t, d = v.shape
+                x = x + block.attn.out(v.transpose(1, 2).reshape(b, t, h * d))
+                x = x + block.mlp(block.norm2(x))
+        return kv
 
     # --- language -------------------------------------------------------------------------
 
@@ -166,19 +202,19 @@ class ReadoutVLM(nn.Module):
         return self.token_embed(ids) + self.text_position(positions.clamp(max=self.config.max_text - 1))
 
     def prefill(self, visual: torch.Tensor, region: torch.Tensor, prompt: torch.Tensor, pruning: Pruning = "hard",
-                capacity: int = 0, physical: bool = False) -> Prefix:
-        """Run [geometry, visual + region, prompt] through the decoder and schedule the visual tokens.
+                capacity: int = 0, physical: bool = False, rows: torch.Tensor | None = None) -> Prefix:
+        """Run [geometry, visual, prompt] through the decoder and schedule the visual tokens.
 
         Parameters
         ----------
         visual:
-            [B, 1 + N, dim] encoder output (one row per sequence).
+            [V, 1 + N, dim] encoder output, one row per volume.
         region:
             [B, N] share of each visual token inside the prompt's anatomical region.
         prompt:
             [B, P] left-padded prompt ids (0 = padding).
         pruning:
-            ``off`` keeps every token; ``soft`` scales visual hidden states by p; ``hard`` drops
+            ``off`` keeps every token; ``soft`` scales the visual values by p; ``hard`` drops
             tokens with rho <= theta (surrogate gradient when training); ``flip`` keeps only
             the tokens ``hard`` would drop (Photon's flip regularizer).
         capacity:
@@ -186,44 +222,58 @@ class ReadoutVLM(nn.Module):
         physical:
             Remove dropped tokens from the sequence and every cache (inference) instead of
             masking them (training, where the batch must keep one shape).
+        rows:
+            [B] the volume each prompt reads (default: row i reads volume i).
         """
         c = self.config
-        b, n = visual.shape[0], c.visual_tokens
+        n = c.visual_tokens
+        b = prompt.shape[0]
+        rows = torch.arange(b, device=prompt.device) if rows is None else rows
+        stream = self.visual_stream(visual)
         prompt_valid = prompt != 0
         positions = (prompt_valid.cumsum(-1) - 1).clamp(min=0)
-        regioned = visual[:, 1:] + region[..., None].to(visual.dtype) * self.region
-        x = torch.cat([visual[:, :1], regioned, self._text_embed(prompt, positions)], dim=1)
-        key_valid = torch.cat([torch.ones(b, 1 + n, dtype=torch.bool, device=x.device), prompt_valid], dim=1)
-        structure = _structure(1 + n, x.shape[1], x.device)
-
-        kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+        x = self._text_embed(prompt, positions)
+        inside = F.pad(region, (1, 0))[:, None, :, None].to(x.dtype)  # [B, 1, 1 + N, 1]; geometry is in no region
+        visual_valid = torch.ones(b, 1 + n, dtype=torch.bool, device=x.device)
+        causal = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool, device=x.device).tril()
         keep = torch.ones(b, n, dtype=torch.bool, device=x.device)
-        p = None
+        p = gate = order = None
+        visual_kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+        text_kv: list[tuple[torch.Tensor, torch.Tensor]] = []
         for i, block in enumerate(self.decoder):
+            q, k, v = block.attn.project(block.norm1(x))
+            vk = stream[i][0][rows] + inside * self.region_key[i][None, :, None, :]
+            vv = stream[i][1][rows] + inside * self.region_value[i][None, :, None, :]
             if i == c.schedule_layer and pruning != "off":
-                q, k, _ = block.attn.project(block.norm1(x))
-                _, _, p = self.scheduler(q[:, :, 1 + n :], k[:, :, 1 + n :], k[:, :, 1 : 1 + n], prompt_valid)
+                _, _, p = self.scheduler(q, k, vk[:, :, 1:], prompt_valid)
                 keep = p > 0.5  # the same as rho > theta
                 if pruning == "flip":
                     keep = ~keep
                 if pruning == "soft":
-                    x = torch.cat([x[:, :1], x[:, 1 : 1 + n] * p[..., None].to(x.dtype), x[:, 1 + n :]], dim=1)
-                    keep = torch.ones_like(keep)
+                    gate, keep = p, torch.ones_like(keep)
                 elif self.training:
-                    gated = SurrogateGate.apply(x[:, 1 : 1 + n], p, keep)
-                    x = torch.cat([x[:, :1], gated, x[:, 1 + n :]], dim=1)
-                key_valid = key_valid.clone()
-                key_valid[:, 1 : 1 + n] = keep
+                    # dL/d(gate) is each token's importance; Photon's surrogate turns it into p's gradient.
+                    gate = SurrogateGate.apply(torch.ones_like(p)[..., None], p, keep).squeeze(-1)
+                visual_valid = visual_valid.clone()
+                visual_valid[:, 1:] = keep
                 if physical:
-                    order = _kept_order(keep, x.shape[1])
-                    x = torch.gather(x, 1, order[..., None].expand(-1, -1, x.shape[-1]))
-                    key_valid = torch.gather(key_valid, 1, order)
-                    kv = [(_gather_cache(k, order), _gather_cache(v, order)) for k, v in kv]
-                    structure = _structure(x.shape[1] - prompt.shape[1], x.shape[1], x.device)
-            mask = structure[None, None] & key_valid[:, None, None, :]
-            x, layer_kv = block(x, mask)
-            kv.append(layer_kv)
-        caches = [KVCache(k, v, k.shape[2] + capacity) for k, v in kv]
+                    order = _kept_order(keep)
+                    visual_valid = torch.gather(visual_valid, 1, order)
+                    visual_kv = [(_gather_cache(vk_, order), _gather_cache(vv_, order)) for vk_, vv_ in visual_kv]
+            if gate is not None:
+                vv = torch.cat([vv[:, :, :1], vv[:, :, 1:] * gate[:, None, :, None].to(vv.dtype)], dim=2)
+            if order is not None:
+                vk, vv = _gather_cache(vk, order), _gather_cache(vv, order)
+            visual_kv.append((vk, vv))
+            text_kv.append((k, v))
+            mask = torch.cat([visual_valid[:, None, :].expand(-1, x.shape[1], -1),
+                              causal[None] & prompt_valid[:, None, :]], dim=-1)[:, None]
+            y = block.attn.attend(q, torch.cat([vk, k], dim=2), torch.cat([vv, v], dim=2), mask)
+            x = x + y
+            x = x + block.mlp(block.norm2(x))
+        caches = [KVCache(torch.cat([vk, k], dim=2), torch.cat([vv, v], dim=2), vk.shape[2] + k.shape[2] + capacity)
+                  for (vk, vv), (k, v) in zip(visual_kv, text_kv)]
+        key_valid = torch.cat([visual_valid, prompt_valid], dim=1)
         logits = self.head(self.norm(x[:, -1]))  # prompts are left-padded: the last slot is real
         return Prefix(caches, key_valid, prompt_valid.sum(-1), keep.sum(-1), p, logits)
 
@@ -242,34 +292,25 @@ class ReadoutVLM(nn.Module):
         return self.head(self.norm(x))
 
     def forward(self, visual: torch.Tensor, region: torch.Tensor, prompt: torch.Tensor, answer: torch.Tensor,
-                pruning: Pruning = "hard") -> tuple[torch.Tensor, Prefix]:
+                pruning: Pruning = "hard", rows: torch.Tensor | None = None) -> tuple[torch.Tensor, Prefix]:
         """Teacher-forced logits [B, A, V] predicting each token of ``answer`` [B, A]."""
-        prefix = self.prefill(visual, region, prompt, pruning, capacity=answer.shape[1])
+        prefix = self.prefill(visual, region, prompt, pruning, capacity=answer.shape[1], rows=rows)
         first = prefix.logits[:, None]
         if answer.shape[1] == 1:
             return first, prefix
         return torch.cat([first, self.extend(prefix, answer[:, :-1])], dim=1), prefix
 
 
-def _structure(visual_slots: int, length: int, device: torch.device) -> torch.Tensor:
-    """[T, T] allowed attention: the first ``visual_slots`` see each other both ways, text is causal."""
-    is_text = torch.arange(length, device=device) >= visual_slots
-    causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()
-    return (~is_text[None, :] & ~is_text[:, None]) | (causal & is_text[:, None])
+def _kept_order(keep: torch.Tensor) -> torch.Tensor:
+    """Visual slots [B, 1 + longest kept] after removing dropped tokens: geometry, then kept ones.
 
-
-def _kept_order(keep: torch.Tensor, length: int) -> torch.Tensor:
-    """Sequence positions after removing dropped visual tokens, padded to the longest kept count.
-
-    Kept tokens move to the front of the visual block (original order, so each keeps its own
-    position embedding); rows with fewer kept tokens carry dropped ones as masked padding.
+    Kept tokens keep their original order; rows with fewer kept tokens carry dropped ones as
+    masked padding.
     """
     b, n = keep.shape
     longest = int(keep.sum(-1).max())
     visual = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)[:, :longest] + 1
-    head = torch.zeros(b, 1, dtype=torch.long, device=keep.device)
-    tail = torch.arange(1 + n, length, device=keep.device).expand(b, -1)
-    return torch.cat([head, visual, tail], dim=1)
+    return torch.cat([torch.zeros(b, 1, dtype=torch.long, device=keep.device), visual], dim=1)
 
 
 def _gather_cache(t: torch.Tensor, order: torch.Tensor) -> torch.Tensor:

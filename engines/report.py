@@ -115,13 +115,14 @@ class DemoEngine:
         longest = max(map(len, prompts))
         return torch.tensor([[0] * (longest - len(p)) + p for p in prompts], device=self.device)
 
-    def _run(self, visual: torch.Tensor, regions: np.ndarray, prompts: list[list[int]], rollouts: int,
-             temperature: float, pruning: bool, seed: int) -> tuple[Generation, torch.Tensor, dict[str, float]]:
-        """Prefill every prompt once, repeat each prefix for its rollouts, decode them all together."""
+    def _run(self, visual: torch.Tensor, rows: torch.Tensor, regions: np.ndarray, prompts: list[list[int]],
+             rollouts: int, temperature: float, pruning: bool, seed: int) -> tuple[Generation, torch.Tensor, dict[str, float]]:
+        """Prefill every prompt once (prompt i reads volume ``rows[i]``), repeat each prefix for its
+        rollouts, decode them all together."""
         t0 = time.perf_counter()
         region = torch.from_numpy(regions).float().to(self.device)
         prefix = self.model.prefill(visual, region, self._prompts(prompts), "hard" if pruning else "off",
-                                    capacity=MAX_ANSWER_TOKENS, physical=True)
+                                    capacity=MAX_ANSWER_TOKENS, physical=True, rows=rows)
         kept = prefix.kept.float() / self.model.config.visual_tokens
         t1 = time.perf_counter()
         prefix.select(torch.arange(len(prompts), device=self.device).repeat_interleave(rollouts))
@@ -141,8 +142,9 @@ class DemoEngine:
         prompts += [self.tokenizer.question_prompt(q) for q in request.questions]
         regions = np.stack([inp.regions[topic_region(t)].reshape(-1) for t in request.topics]
                            + [inp.regions[question_region(q)].reshape(-1) for q in request.questions])
-        out, kept, timings = self._run(visual.expand(len(prompts), -1, -1), regions, prompts, request.rollouts,
-                                       request.temperature, request.pruning, request.seed)
+        rows = torch.zeros(len(prompts), dtype=torch.long, device=self.device)
+        out, kept, timings = self._run(visual, rows, regions, prompts, request.rollouts, request.temperature,
+                                       request.pruning, request.seed)
         n = request.rollouts
         candidates: dict[str, list[Candidate]] = {t: [] for t in request.topics}
         normal_texts: dict[str, list[str]] = {t: [] for t in request.topics}
@@ -183,7 +185,7 @@ class DemoEngine:
         visual = self._encode(inputs)
         prompts = [self.tokenizer.topic_prompt(topic) for topic, _, _ in targets]
         regions = np.stack([inp.regions[topic_region(topic)].reshape(-1) for inp, (topic, _, _) in zip(inputs, targets)])
-        out, _, _ = self._run(visual, regions, prompts, 1, 0.0, True, 0)
+        out, _, _ = self._run(visual, torch.arange(len(targets), device=self.device), regions, prompts, 1, 0.0, True, 0)
         refined: list[tuple[int, ...] | None] = []
         for row, ((_, kind, box), extent) in enumerate(zip(targets, crops)):
             best, best_iou = None, 0.0

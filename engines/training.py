@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from engines.checkpoint import save_checkpoint
 from engines.model import ModelConfig, ReadoutVLM
 from engines.phantom import NORMAL_SENTENCES, TOPICS, render_phantom
-from engines.preprocess import TOKEN_GRID, box_to_bins, crop_extent, pool_to_tokens, prepare, resample_to_grid
+from engines.preprocess import BINS, TOKEN_GRID, box_to_bins, crop_extent, pool_to_tokens, prepare, resample_to_grid
 from engines.prompts import FOCAL_TYPES, question_region, topic_region
 from engines.results import StudyResult
 from engines.scheduler import retention_band_loss
@@ -38,10 +38,10 @@ from engines.tokenizer import MAX_ANSWER_TOKENS, Tokenizer
 # --- settings ---------------------------------------------------------------------------------
 TRAIN_SEED_BASE = 10_000_000  # training phantoms: seeds from here up; evaluation uses 9001..., validation 8000...
 VALIDATION_SEEDS = range(8000, 8012)
-VOLUMES_PER_STEP = 24
-NEW_VOLUMES_PER_STEP = 8  # the rest of each batch is replayed from recent volumes
+VOLUMES_PER_STEP = 12
+NEW_VOLUMES_PER_STEP = 2  # the rest of each batch is replayed from recent volumes
 REPLAY = 256
-LEARNING_RATE = 6e-4
+LEARNING_RATE = 1e-3
 # Photon's threshold MLP starts saturated (theta ~ 0.006); it needs a larger step to move.
 THRESHOLD_LR_SCALE = 20.0
 WARMUP = 0.03
@@ -53,6 +53,8 @@ ROBUST_WEIGHT, FLIP_WEIGHT, SPARSITY_WEIGHT = 0.05, 0.1, 0.02
 # Deep supervision of the vision encoder: a training-only head predicts, per visual token and
 # topic, whether a finding of that topic lies in it (from the phantom's finding map).
 PRESENCE_WEIGHT = 0.5
+# Coordinate tokens are few among the report's words but carry the grounding: weigh them up.
+COORDINATE_WEIGHT = 3.0
 
 
 @dataclass
@@ -268,12 +270,12 @@ def _learning_rate(progress: float) -> float:
 def _losses(model: ReadoutVLM, batch: Batch, pruning: str, flip: bool,
             presence_head: nn.Module | None = None) -> dict[str, torch.Tensor]:
     encoded = model.encode(batch.image, batch.spacing)
-    visual = encoded[batch.sequence_volume]
-    logits, prefix = model(visual, batch.region, batch.prompt, batch.answer, pruning)
+    logits, prefix = model(encoded, batch.region, batch.prompt, batch.answer, pruning, rows=batch.sequence_volume)
     valid = batch.answer != 0
     clean = valid & ~batch.corrupted[:, None]
     ce = F.cross_entropy(logits.float().transpose(1, 2), batch.answer, reduction="none")
-    losses = {"ce": (ce * clean).sum() / clean.sum().clamp(min=1)}
+    weight = clean * torch.where(batch.answer >= model.config.vocab_size - BINS, COORDINATE_WEIGHT, 1.0)
+    losses = {"ce": (ce * weight).sum() / weight.sum().clamp(min=1)}
     if presence_head is not None and (~batch.volume_corrupted).any():
         logits_p = presence_head(encoded[~batch.volume_corrupted, 1:]).float().transpose(1, 2)  # [V, topics, N]
         target = (batch.presence[~batch.volume_corrupted] > 0).float()
@@ -295,7 +297,8 @@ def _losses(model: ReadoutVLM, batch: Batch, pruning: str, flip: bool,
     if flip:
         rows = torch.nonzero(~batch.corrupted).flatten()
         rows = rows[torch.randperm(len(rows), device=rows.device)[: max(2, len(rows) // 20)]]
-        flipped, _ = model(visual[rows], batch.region[rows], batch.prompt[rows], batch.answer[rows], "flip")
+        flipped, _ = model(encoded, batch.region[rows], batch.prompt[rows], batch.answer[rows], "flip",
+                           rows=batch.sequence_volume[rows])
         p_true = flipped.float().softmax(-1).gather(-1, batch.answer[rows][..., None]).squeeze(-1)
         mask = valid[rows]
         losses["flip"] = FLIP_WEIGHT * (-torch.log(1 - p_true + 1e-6) * mask).sum() / mask.sum()
@@ -388,8 +391,9 @@ def model_card(info: dict, evaluation: str | None = None) -> str:
         "",
         "**Synthetic data only — not for clinical use.**",
         "",
-        "A small 3D vision-language model (vision encoder over a 32x128x128 grid with lung, mediastinal and bone",
-        "windows; decoder with Photon token scheduling at a quarter of its depth) that writes topic-organized",
+        "A small 3D vision-language model (convolutional stem and transformer encoder over a 32x128x128 grid with",
+        "lung, mediastinal and bone windows, 512 visual tokens; decoder with Photon token scheduling at a quarter",
+        "of its depth, visual keys and values shared by every prompt of a volume) that writes topic-organized",
         "findings with boxes and answers questions about Readout's synthetic chest CT phantoms.",
         "",
         "| | |", "|---|---|",

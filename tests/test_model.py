@@ -55,6 +55,17 @@ def test_scheduler_shortens_sequence_and_cache_by_a_variable_amount(model, token
     assert int(pruned.key_valid.sum(-1)[0]) == 1 + kept[0] + int((prompt[0] != 0).sum())
 
 
+def test_prompts_share_one_visual_stream_per_volume(model, tokenizer):
+    """Prompts reading the same volume through ``rows`` get what they would from their own copy."""
+    image, spacing, prompt, region = _inputs(tokenizer, n_volumes=1)
+    with torch.no_grad():
+        visual = model.encode(image, spacing)
+        shared = model.prefill(visual, region, prompt, "hard", physical=True, rows=torch.zeros(2, dtype=torch.long))
+        copied = model.prefill(visual.expand(2, -1, -1), region, prompt, "hard", physical=True)
+    assert torch.allclose(shared.logits, copied.logits, atol=1e-5)
+    assert torch.equal(shared.kept, copied.kept)
+
+
 def test_physical_pruning_equals_masking(model, tokenizer):
     image, spacing, prompt, region = _inputs(tokenizer)
     answer = torch.randint(10, 200, (2, 5))
@@ -84,7 +95,7 @@ def test_surrogate_gradient_reaches_the_threshold_in_a_training_step(model, toke
     # The scheduling layer's projections learn through the saliency scores too.
     qkv = model.decoder[model.config.schedule_layer].attn.qkv.weight.grad
     assert torch.isfinite(qkv).all() and qkv.abs().sum() > 0
-    assert presence_head.weight.grad.abs().sum() > 0 and model.patch_embed.weight.grad.abs().sum() > 0
+    assert presence_head.weight.grad.abs().sum() > 0 and model.stem[0].weight.grad.abs().sum() > 0
 
 
 def test_finding_presence_marks_the_tokens_of_each_topics_findings(tokenizer):
@@ -108,9 +119,11 @@ def test_topics_are_generated_independently(model, tokenizer):
         _, _, prompt, _ = _inputs(tokenizer, 1, ("lungs", other))
         region = torch.rand(2, 512, generator=torch.Generator().manual_seed(3))
         with torch.no_grad():
-            visual = model.encode(image, spacing).expand(2, -1, -1)
-            logits.append(model.extend(model.prefill(visual, region, prompt, "hard", capacity=12, physical=True), answer))
-            prefix = model.prefill(visual, region, prompt, "hard", capacity=24, physical=True)
+            visual = model.encode(image, spacing)  # one volume shared by both topics
+            rows = torch.zeros(2, dtype=torch.long)
+            logits.append(model.extend(model.prefill(visual, region, prompt, "hard", capacity=12, physical=True, rows=rows),
+                                       answer))
+            prefix = model.prefill(visual, region, prompt, "hard", capacity=24, physical=True, rows=rows)
             tokens.append(generate(model, prefix, tokenizer, max_new=24).tokens)
     assert torch.allclose(logits[0][0], logits[1][0], atol=1e-5)
     assert not torch.allclose(logits[0][1], logits[1][1], atol=1e-3)
