@@ -11,7 +11,9 @@ already put the volume in context, and this mask makes the visual tokens' keys a
 independent of the prompt: they are computed once per volume and shared by every topic,
 question and rollout (training and inference both gain several times over). The topic's
 anatomical region enters each layer as learnt key and value offsets on the visual tokens inside
-it (LLaVA-TA's anatomy awareness, weighted by the share of the token in the region).
+it (LLaVA-TA's anatomy awareness, weighted by the share of the token in the region), and so does
+the encoder's own per-token finding probability for the prompt's topic (a head trained on the
+phantoms' finding maps), which shows the decoder where to look.
 
 At `schedule_layer` (a quarter of the depth) Photon's scheduler decides which visual tokens the
 rest of the model keeps; at inference they are removed from the sequence and from every layer's
@@ -45,6 +47,7 @@ class ModelConfig:
     grid: tuple[int, int, int] = (32, 128, 128)
     patch: tuple[int, int, int] = (4, 16, 16)
     stem_channels: int = 32
+    topics: int = 5  # finding-map channels, one per report topic (engines.phantom.TOPICS)
 
     @property
     def tokens_per_axis(self) -> tuple[int, int, int]:
@@ -151,9 +154,11 @@ class ReadoutVLM(nn.Module):
         self.geometry = nn.Linear(3, c.dim)
         self.encoder = nn.ModuleList(Block(c.dim, c.heads) for _ in range(c.encoder_layers))
         self.encoder_norm = nn.LayerNorm(c.dim)
+        self.finding_head = nn.Linear(c.dim, c.topics)
         head_dim = c.dim // c.heads
-        self.region_key = nn.Parameter(torch.zeros(c.decoder_layers, c.heads, head_dim))
-        self.region_value = nn.Parameter(torch.zeros(c.decoder_layers, c.heads, head_dim))
+        # Per layer, offsets for the two guides: anatomical region share and finding probability.
+        self.guide_key = nn.Parameter(torch.zeros(c.decoder_layers, 2, c.heads, head_dim))
+        self.guide_value = nn.Parameter(torch.zeros(c.decoder_layers, 2, c.heads, head_dim))
         self.token_embed = nn.Embedding(c.vocab_size, c.dim)
         self.text_position = nn.Embedding(c.max_text, c.dim)
         self.decoder = nn.ModuleList(Block(c.dim, c.heads) for _ in range(c.decoder_layers))
@@ -162,7 +167,7 @@ class ReadoutVLM(nn.Module):
         self.head = nn.Linear(c.dim, c.vocab_size, bias=False)
         self.head.weight = self.token_embed.weight
         # Small embeddings: the head shares token_embed, and N(0, 1) would start with huge logits.
-        for weight in (*self.axis_position, self.region_key, self.region_value, self.token_embed.weight,
+        for weight in (*self.axis_position, self.guide_key, self.guide_value, self.token_embed.weight,
                        self.text_position.weight):
             nn.init.normal_(weight, std=0.02)
 
@@ -179,6 +184,10 @@ class ReadoutVLM(nn.Module):
         for block in self.encoder:
             x, _ = block(x, None)
         return self.encoder_norm(x)
+
+    def finding_logits(self, visual: torch.Tensor) -> torch.Tensor:
+        """[V, 1 + N, dim] encoder output → [V, topics, N] logits: does the token hold a finding of the topic."""
+        return self.finding_head(visual[:, 1:]).transpose(1, 2)
 
     def visual_stream(self, visual: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Each decoder layer's keys and values [V, H, 1 + N, d] of the encoded volumes [V, 1 + N, dim].
@@ -202,7 +211,8 @@ class ReadoutVLM(nn.Module):
         return self.token_embed(ids) + self.text_position(positions.clamp(max=self.config.max_text - 1))
 
     def prefill(self, visual: torch.Tensor, region: torch.Tensor, prompt: torch.Tensor, pruning: Pruning = "hard",
-                capacity: int = 0, physical: bool = False, rows: torch.Tensor | None = None) -> Prefix:
+                capacity: int = 0, physical: bool = False, rows: torch.Tensor | None = None,
+                topic: torch.Tensor | None = None) -> Prefix:
         """Run [geometry, visual, prompt] through the decoder and schedule the visual tokens.
 
         Parameters
@@ -224,6 +234,8 @@ class ReadoutVLM(nn.Module):
             masking them (training, where the batch must keep one shape).
         rows:
             [B] the volume each prompt reads (default: row i reads volume i).
+        topic:
+            [B] the report topic (index) each prompt is about, -1 for any (default: any).
         """
         c = self.config
         n = c.visual_tokens
@@ -233,7 +245,7 @@ class ReadoutVLM(nn.Module):
         prompt_valid = prompt != 0
         positions = (prompt_valid.cumsum(-1) - 1).clamp(min=0)
         x = self._text_embed(prompt, positions)
-        inside = F.pad(region, (1, 0))[:, None, :, None].to(x.dtype)  # [B, 1, 1 + N, 1]; geometry is in no region
+        guide = F.pad(torch.stack([region.float(), self._finding_guide(visual, rows, topic)], 1), (1, 0)).to(x.dtype)
         visual_valid = torch.ones(b, 1 + n, dtype=torch.bool, device=x.device)
         causal = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool, device=x.device).tril()
         keep = torch.ones(b, n, dtype=torch.bool, device=x.device)
@@ -242,8 +254,8 @@ class ReadoutVLM(nn.Module):
         text_kv: list[tuple[torch.Tensor, torch.Tensor]] = []
         for i, block in enumerate(self.decoder):
             q, k, v = block.attn.project(block.norm1(x))
-            vk = stream[i][0][rows] + inside * self.region_key[i][None, :, None, :]
-            vv = stream[i][1][rows] + inside * self.region_value[i][None, :, None, :]
+            vk = stream[i][0][rows] + torch.einsum("bgn,ghd->bhnd", guide, self.guide_key[i])
+            vv = stream[i][1][rows] + torch.einsum("bgn,ghd->bhnd", guide, self.guide_value[i])
             if i == c.schedule_layer and pruning != "off":
                 _, _, p = self.scheduler(q, k, vk[:, :, 1:], prompt_valid)
                 keep = p > 0.5  # the same as rho > theta
@@ -277,6 +289,17 @@ class ReadoutVLM(nn.Module):
         logits = self.head(self.norm(x[:, -1]))  # prompts are left-padded: the last slot is real
         return Prefix(caches, key_valid, prompt_valid.sum(-1), keep.sum(-1), p, logits)
 
+    def _finding_guide(self, visual: torch.Tensor, rows: torch.Tensor, topic: torch.Tensor | None) -> torch.Tensor:
+        """[B, N] probability that each token holds a finding of the prompt's topic (of any topic for -1).
+
+        Detached: the finding head learns from the finding maps alone, the decoder learns to use it.
+        """
+        found = torch.sigmoid(self.finding_logits(visual).detach().float())[rows]  # [B, topics, N]
+        if topic is None:
+            return found.max(1).values
+        picked = found.gather(1, topic.clamp(min=0)[:, None, None].expand(-1, 1, found.shape[-1])).squeeze(1)
+        return torch.where((topic >= 0)[:, None], picked, found.max(1).values)
+
     def extend(self, prefix: Prefix, ids: torch.Tensor) -> torch.Tensor:
         """Run new tokens [B, A] over the prefix caches (appending to them); returns logits [B, A, V]."""
         b, a = ids.shape
@@ -292,9 +315,10 @@ class ReadoutVLM(nn.Module):
         return self.head(self.norm(x))
 
     def forward(self, visual: torch.Tensor, region: torch.Tensor, prompt: torch.Tensor, answer: torch.Tensor,
-                pruning: Pruning = "hard", rows: torch.Tensor | None = None) -> tuple[torch.Tensor, Prefix]:
+                pruning: Pruning = "hard", rows: torch.Tensor | None = None,
+                topic: torch.Tensor | None = None) -> tuple[torch.Tensor, Prefix]:
         """Teacher-forced logits [B, A, V] predicting each token of ``answer`` [B, A]."""
-        prefix = self.prefill(visual, region, prompt, pruning, capacity=answer.shape[1], rows=rows)
+        prefix = self.prefill(visual, region, prompt, pruning, capacity=answer.shape[1], rows=rows, topic=topic)
         first = prefix.logits[:, None]
         if answer.shape[1] == 1:
             return first, prefix

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from engines.phantom import TOPICS
 from engines.preprocess import TOPIC_REGIONS
 
 # Finding types whose box is worth a zoomed re-look (MedVR regrounding); the others are
@@ -25,3 +26,11 @@ def question_region(question: str) -> str:
         if keyword in words:
             return region
     return "body"
+
+
+def region_topic(region: str) -> int:
+    """Index in TOPICS of the report topic whose findings ``region`` holds; -1 (any) for ``body``."""
+    for topic, name in TOPIC_REGIONS.items():
+        if name == region and topic in TOPICS:
+            return TOPICS.index(topic)
+    return -1

@@ -23,7 +23,7 @@ from engines.grounding import Candidate, ConsensusFinding, consensus, iou3d, maj
 from engines.model import ReadoutVLM
 from engines.phantom import NORMAL_SENTENCES, QUESTIONS, TOPICS
 from engines.preprocess import BINS, ModelInput, bins_to_box, crop_extent, prepare
-from engines.prompts import FOCAL_TYPES, question_region, topic_region
+from engines.prompts import FOCAL_TYPES, question_region, region_topic, topic_region
 from engines.results import Answer, Box, EngineInfo, Finding, StudyResult, TopicResult
 from engines.tokenizer import MAX_ANSWER_TOKENS, Tokenizer
 from engines.volume import Volume
@@ -115,14 +115,17 @@ class DemoEngine:
         longest = max(map(len, prompts))
         return torch.tensor([[0] * (longest - len(p)) + p for p in prompts], device=self.device)
 
-    def _run(self, visual: torch.Tensor, rows: torch.Tensor, regions: np.ndarray, prompts: list[list[int]],
-             rollouts: int, temperature: float, pruning: bool, seed: int) -> tuple[Generation, torch.Tensor, dict[str, float]]:
-        """Prefill every prompt once (prompt i reads volume ``rows[i]``), repeat each prefix for its
-        rollouts, decode them all together."""
+    def _run(self, visual: torch.Tensor, rows: torch.Tensor, inputs: Sequence[ModelInput], regions: Sequence[str],
+             prompts: list[list[int]], rollouts: int, temperature: float, pruning: bool,
+             seed: int) -> tuple[Generation, torch.Tensor, dict[str, float]]:
+        """Prefill every prompt once (prompt i reads volume ``rows[i]`` of ``inputs`` and looks at
+        region ``regions[i]``), repeat each prefix for its rollouts, decode them all together."""
         t0 = time.perf_counter()
-        region = torch.from_numpy(regions).float().to(self.device)
-        prefix = self.model.prefill(visual, region, self._prompts(prompts), "hard" if pruning else "off",
-                                    capacity=MAX_ANSWER_TOKENS, physical=True, rows=rows)
+        share = np.stack([inputs[int(v)].regions[name].reshape(-1) for v, name in zip(rows, regions)])
+        topic = torch.tensor([region_topic(name) for name in regions], device=self.device)
+        prefix = self.model.prefill(visual, torch.from_numpy(share).float().to(self.device), self._prompts(prompts),
+                                    "hard" if pruning else "off", capacity=MAX_ANSWER_TOKENS, physical=True,
+                                    rows=rows, topic=topic)
         kept = prefix.kept.float() / self.model.config.visual_tokens
         t1 = time.perf_counter()
         prefix.select(torch.arange(len(prompts), device=self.device).repeat_interleave(rollouts))
@@ -140,10 +143,9 @@ class DemoEngine:
         names = [*request.topics, *request.questions]
         prompts = [self.tokenizer.topic_prompt(t) for t in request.topics]
         prompts += [self.tokenizer.question_prompt(q) for q in request.questions]
-        regions = np.stack([inp.regions[topic_region(t)].reshape(-1) for t in request.topics]
-                           + [inp.regions[question_region(q)].reshape(-1) for q in request.questions])
+        regions = [topic_region(t) for t in request.topics] + [question_region(q) for q in request.questions]
         rows = torch.zeros(len(prompts), dtype=torch.long, device=self.device)
-        out, kept, timings = self._run(visual, rows, regions, prompts, request.rollouts, request.temperature,
+        out, kept, timings = self._run(visual, rows, [inp], regions, prompts, request.rollouts, request.temperature,
                                        request.pruning, request.seed)
         n = request.rollouts
         candidates: dict[str, list[Candidate]] = {t: [] for t in request.topics}
@@ -184,8 +186,9 @@ class DemoEngine:
         inputs = [prepare(volume_hu, spacing_mm, extent) for extent in crops]
         visual = self._encode(inputs)
         prompts = [self.tokenizer.topic_prompt(topic) for topic, _, _ in targets]
-        regions = np.stack([inp.regions[topic_region(topic)].reshape(-1) for inp, (topic, _, _) in zip(inputs, targets)])
-        out, _, _ = self._run(visual, torch.arange(len(targets), device=self.device), regions, prompts, 1, 0.0, True, 0)
+        regions = [topic_region(topic) for topic, _, _ in targets]
+        out, _, _ = self._run(visual, torch.arange(len(targets), device=self.device), inputs, regions, prompts, 1, 0.0,
+                              True, 0)
         refined: list[tuple[int, ...] | None] = []
         for row, ((_, kind, box), extent) in enumerate(zip(targets, crops)):
             best, best_iou = None, 0.0

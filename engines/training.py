@@ -23,14 +23,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from engines.checkpoint import save_checkpoint
 from engines.model import ModelConfig, ReadoutVLM
 from engines.phantom import NORMAL_SENTENCES, TOPICS, render_phantom
 from engines.preprocess import BINS, TOKEN_GRID, box_to_bins, crop_extent, pool_to_tokens, prepare, resample_to_grid
-from engines.prompts import FOCAL_TYPES, question_region, topic_region
+from engines.prompts import FOCAL_TYPES, question_region, region_topic, topic_region
 from engines.results import StudyResult
 from engines.scheduler import retention_band_loss
 from engines.tokenizer import MAX_ANSWER_TOKENS, Tokenizer
@@ -50,8 +49,8 @@ NORMAL_SHARE = 0.15  # extra all-normal phantoms, so "normal" is well learnt
 CROP_SHARE = 0.6  # volumes that also yield a zoomed crop example
 CORRUPT_SHARE = 0.15
 ROBUST_WEIGHT, FLIP_WEIGHT, SPARSITY_WEIGHT = 0.05, 0.1, 0.02
-# Deep supervision of the vision encoder: a training-only head predicts, per visual token and
-# topic, whether a finding of that topic lies in it (from the phantom's finding map).
+# The model's finding head learns, per visual token and topic, whether a finding of that topic
+# lies in it (from the phantom's finding map); its probabilities guide the decoder.
 PRESENCE_WEIGHT = 0.5
 # Coordinate tokens are few among the report's words but carry the grounding: weigh them up.
 COORDINATE_WEIGHT = 3.0
@@ -217,6 +216,7 @@ class Batch:
     answer: torch.Tensor  # [S, A], 0-padded
     corrupted: torch.Tensor  # [S] bool per sequence
     presence: torch.Tensor  # [V, topics, N]
+    topic: torch.Tensor  # [S] report topic index of each sequence's region, -1 for any
     volume_corrupted: torch.Tensor  # [V]
 
 
@@ -252,6 +252,7 @@ def collate(examples: list[Example], device: torch.device, corrupt_share: float 
         corrupted=torch.tensor([corrupted[v] for v in seq_volume], device=device),
         presence=torch.from_numpy(np.stack(presence)).to(device),
         volume_corrupted=torch.tensor(corrupted, device=device),
+        topic=torch.tensor([region_topic(s.region) for ex in examples for s in ex.sequences], device=device),
     )
 
 
@@ -267,17 +268,17 @@ def _learning_rate(progress: float) -> float:
     return LEARNING_RATE * 0.5 * (1 + math.cos(math.pi * min(1.0, (progress - WARMUP) / (1 - WARMUP))))
 
 
-def _losses(model: ReadoutVLM, batch: Batch, pruning: str, flip: bool,
-            presence_head: nn.Module | None = None) -> dict[str, torch.Tensor]:
+def _losses(model: ReadoutVLM, batch: Batch, pruning: str, flip: bool) -> dict[str, torch.Tensor]:
     encoded = model.encode(batch.image, batch.spacing)
-    logits, prefix = model(encoded, batch.region, batch.prompt, batch.answer, pruning, rows=batch.sequence_volume)
+    logits, prefix = model(encoded, batch.region, batch.prompt, batch.answer, pruning, rows=batch.sequence_volume,
+                           topic=batch.topic)
     valid = batch.answer != 0
     clean = valid & ~batch.corrupted[:, None]
     ce = F.cross_entropy(logits.float().transpose(1, 2), batch.answer, reduction="none")
     weight = clean * torch.where(batch.answer >= model.config.vocab_size - BINS, COORDINATE_WEIGHT, 1.0)
     losses = {"ce": (ce * weight).sum() / weight.sum().clamp(min=1)}
-    if presence_head is not None and (~batch.volume_corrupted).any():
-        logits_p = presence_head(encoded[~batch.volume_corrupted, 1:]).float().transpose(1, 2)  # [V, topics, N]
+    if (~batch.volume_corrupted).any():
+        logits_p = model.finding_logits(encoded[~batch.volume_corrupted]).float()  # [V, topics, N]
         target = (batch.presence[~batch.volume_corrupted] > 0).float()
         # Findings cover few tokens: weight positives so they are not ignored.
         pos_weight = ((1 - target).sum() / target.sum().clamp(min=1)).clamp(max=50.0)
@@ -298,7 +299,7 @@ def _losses(model: ReadoutVLM, batch: Batch, pruning: str, flip: bool,
         rows = torch.nonzero(~batch.corrupted).flatten()
         rows = rows[torch.randperm(len(rows), device=rows.device)[: max(2, len(rows) // 20)]]
         flipped, _ = model(encoded, batch.region[rows], batch.prompt[rows], batch.answer[rows], "flip",
-                           rows=batch.sequence_volume[rows])
+                           rows=batch.sequence_volume[rows], topic=batch.topic[rows])
         p_true = flipped.float().softmax(-1).gather(-1, batch.answer[rows][..., None]).squeeze(-1)
         mask = valid[rows]
         losses["flip"] = FLIP_WEIGHT * (-torch.log(1 - p_true + 1e-6) * mask).sum() / mask.sum()
@@ -319,15 +320,13 @@ def train(out: Path, steps: int, device: str = "cpu", time_limit_s: float | None
     rng = random.Random(0)
     tokenizer = Tokenizer()
     dev = torch.device(device)
-    model = ReadoutVLM(ModelConfig(vocab_size=len(tokenizer), **(model_size or {}))).to(dev)
-    presence_head = nn.Linear(model.config.dim, len(TOPICS)).to(dev)  # training only, not saved
+    model = ReadoutVLM(ModelConfig(vocab_size=len(tokenizer), topics=len(TOPICS), **(model_size or {}))).to(dev)
     threshold = [p for n, p in model.named_parameters() if n.startswith("scheduler.")]
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and not n.startswith("scheduler.")]
     other = [p for n, p in model.named_parameters() if p.dim() < 2 and not n.startswith("scheduler.")]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": 0.05, "scale": 1.0}, {"params": other, "weight_decay": 0.0, "scale": 1.0},
-         {"params": threshold, "weight_decay": 0.0, "scale": THRESHOLD_LR_SCALE},
-         {"params": list(presence_head.parameters()), "weight_decay": 0.0, "scale": 1.0}],
+         {"params": threshold, "weight_decay": 0.0, "scale": THRESHOLD_LR_SCALE}],
         lr=LEARNING_RATE, betas=(0.9, 0.95))
     workers = max(1, (os.cpu_count() or 2) - 1) if workers is None else workers
     loader = iter(DataLoader(PhantomStream(tokenizer), batch_size=None, num_workers=workers, prefetch_factor=4,
@@ -353,7 +352,7 @@ def train(out: Path, steps: int, device: str = "cpu", time_limit_s: float | None
             group["lr"] = _learning_rate(progress) * group["scale"]
         model.train()
         with autocast:
-            losses = _losses(model, batch, pruning, flip=progress >= FLIP_FROM, presence_head=presence_head)
+            losses = _losses(model, batch, pruning, flip=progress >= FLIP_FROM)
         total = sum(v for k, v in losses.items() if k not in ("accuracy", "kept"))
         optimizer.zero_grad(set_to_none=True)
         total.backward()
@@ -407,7 +406,8 @@ def model_card(info: dict, evaluation: str | None = None) -> str:
         "",
         "Training: no pruning, then soft (hidden states x p), then hard dropping with Photon's surrogate gradient;",
         "retention band [0.3, 0.8], robustness (corrupted volumes -> maximal answer entropy) and flip regularizers;",
-        "a training-only head supervises the encoder with each topic's finding locations (not shipped).",
+        "a finding head on the encoder learns each topic's finding locations from the phantoms' finding maps,",
+        "and its probabilities guide the decoder's attention.",
     ]
     if evaluation:
         lines += ["", "## Evaluation", "", evaluation]

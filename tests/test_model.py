@@ -84,8 +84,7 @@ def test_surrogate_gradient_reaches_the_threshold_in_a_training_step(model, toke
     batch = next(b for b in (training.collate(examples, torch.device("cpu"), 0.5, random.Random(s)) for s in range(50))
                  if b.corrupted.any() and not b.corrupted.all())
     model.train()
-    presence_head = torch.nn.Linear(model.config.dim, 5)
-    losses = training._losses(model, batch, "hard", flip=True, presence_head=presence_head)
+    losses = training._losses(model, batch, "hard", flip=True)
     assert {"ce", "band", "flip", "robust", "presence"} <= set(losses)
     sum(v for k, v in losses.items() if k not in ("accuracy", "kept")).backward()
     for param in model.scheduler.threshold.parameters():
@@ -95,7 +94,7 @@ def test_surrogate_gradient_reaches_the_threshold_in_a_training_step(model, toke
     # The scheduling layer's projections learn through the saliency scores too.
     qkv = model.decoder[model.config.schedule_layer].attn.qkv.weight.grad
     assert torch.isfinite(qkv).all() and qkv.abs().sum() > 0
-    assert presence_head.weight.grad.abs().sum() > 0 and model.stem[0].weight.grad.abs().sum() > 0
+    assert model.finding_head.weight.grad.abs().sum() > 0 and model.stem[0].weight.grad.abs().sum() > 0
 
 
 def test_finding_presence_marks_the_tokens_of_each_topics_findings(tokenizer):
