@@ -404,7 +404,7 @@ def model_card(info: dict, evaluation: str | None = None) -> str:
         f"| machine | {t['machine']} |",
         f"| final validation (teacher-forced) | {json.dumps(t['final_validation'])} |",
         "",
-        "Training: no pruning, then soft (hidden states x p), then hard dropping with Photon's surrogate gradient;",
+        "Training: no pruning, then soft (visual values x p), then hard dropping with Photon's surrogate gradient;",
         "retention band [0.3, 0.8], robustness (corrupted volumes -> maximal answer entropy) and flip regularizers;",
         "a finding head on the encoder learns each topic's finding locations from the phantoms' finding maps,",
         "and its probabilities guide the decoder's attention.",
