@@ -1,9 +1,12 @@
 """Readout's demo 3D vision-language model, top to bottom in one file.
 
 Vision: a CT volume resampled to a fixed grid with three HU windows as channels, cut into 3D
-patches by a small convolutional stem (patchify steps with nonlinearities, so a token can say
-where inside it a small lesion sits), with per-axis position embeddings, plus one geometry token
-(grid spacing in mm), through a small bidirectional transformer.
+patches by a convolutional stem of overlapping strided convolutions (so a token can say where
+inside it a small lesion sits), with per-axis position embeddings, plus one geometry token (grid
+spacing in mm), through a small bidirectional transformer. A finding head reads the stem's
+stages and the encoded tokens into one dense map per report topic at half the grid's in-plane
+resolution; it is trained on the phantoms' finding maps, voxel by voxel, which teaches the stem
+to see lesions far sooner than token-level labels do.
 
 Language: a decoder-only transformer over [geometry token, visual tokens, prompt, answer]. Text
 is causal and sees every (kept) visual token; a visual token sees only itself. The encoder has
@@ -12,8 +15,8 @@ independent of the prompt: they are computed once per volume and shared by every
 question and rollout (training and inference both gain several times over). The topic's
 anatomical region enters each layer as learnt key and value offsets on the visual tokens inside
 it (LLaVA-TA's anatomy awareness, weighted by the share of the token in the region), and so does
-the encoder's own per-token finding probability for the prompt's topic (a head trained on the
-phantoms' finding maps), which shows the decoder where to look.
+the finding map of the prompt's topic (each token's highest finding probability), which shows
+the decoder where to look.
 
 At `schedule_layer` (a quarter of the depth) Photon's scheduler decides which visual tokens the
 rest of the model keeps; at inference they are removed from the sequence and from every layer's
@@ -46,12 +49,22 @@ class ModelConfig:
     channels: int = 3
     grid: tuple[int, int, int] = (32, 128, 128)
     patch: tuple[int, int, int] = (4, 16, 16)
-    stem_channels: int = 32
+    stem_channels: int = 16
     topics: int = 5  # finding-map channels, one per report topic (engines.phantom.TOPICS)
 
     @property
     def tokens_per_axis(self) -> tuple[int, int, int]:
         return tuple(g // p for g, p in zip(self.grid, self.patch))  # type: ignore[return-value]
+
+    @property
+    def stem_strides(self) -> tuple[tuple[int, int, int], ...]:
+        """The stem's four strides: the first makes the finding map's grid, all four a patch."""
+        first = tuple(p // q for p, q in zip(self.patch, (4, 8, 8)))
+        return first, (2, 2, 2), (2, 2, 2), (1, 2, 2)  # type: ignore[return-value]
+
+    @property
+    def finding_grid(self) -> tuple[int, int, int]:
+        return tuple(g // s for g, s in zip(self.grid, self.stem_strides[0]))  # type: ignore[return-value]
 
     @property
     def visual_tokens(self) -> int:
@@ -121,6 +134,21 @@ class Block(nn.Module):
 
 
 @dataclass
+class Encoded:
+    """Encoded volumes: visual tokens and the dense finding maps."""
+
+    tokens: torch.Tensor  # [V, 1 + N, dim], geometry token first
+    finding_logits: torch.Tensor  # [V, topics, *finding_grid]
+
+    def token_findings(self, patch: tuple[int, int, int]) -> torch.Tensor:
+        """[V, topics, N]: each token's highest finding probability (``patch`` finding-map cells per token)."""
+        return F.max_pool3d(torch.sigmoid(self.finding_logits.float()), patch).flatten(2)
+
+    def take(self, rows: torch.Tensor) -> Encoded:
+        return Encoded(self.tokens[rows], self.finding_logits[rows])
+
+
+@dataclass
 class Prefix:
     """The decoder state after the prompt: per-layer caches, which keys are valid, and the scheduling."""
 
@@ -144,17 +172,20 @@ class ReadoutVLM(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         c = self.config = config
-        s, first = c.stem_channels, tuple(p // 4 for p in c.patch)  # then two stride-2 steps make a patch
-        self.stem = nn.Sequential(
-            nn.Conv3d(c.channels, s, kernel_size=first, stride=first), nn.GELU(),
-            nn.Conv3d(s, 2 * s, kernel_size=2, stride=2), nn.GELU(),
-            nn.Conv3d(2 * s, c.dim, kernel_size=2, stride=2),
+        s = c.stem_channels
+        widths = (c.channels, s, 2 * s, 4 * s, c.dim)
+        self.stem = nn.ModuleList(
+            nn.Conv3d(a, b, kernel_size=tuple(2 * t if t > 1 else 1 for t in stride),
+                      stride=stride, padding=tuple(t // 2 for t in stride))
+            for a, b, stride in zip(widths, widths[1:], c.stem_strides)
         )
+        # One 1x1 read-out per stage, summed at the finding grid: fine stages place, coarse ones decide.
+        self.finding_heads = nn.ModuleList(nn.Conv3d(w, c.topics, kernel_size=1) for w in widths[1:4])
+        self.finding_head = nn.Linear(c.dim, c.topics)
         self.axis_position = nn.ParameterList(nn.Parameter(torch.zeros(n, c.dim)) for n in c.tokens_per_axis)
         self.geometry = nn.Linear(3, c.dim)
         self.encoder = nn.ModuleList(Block(c.dim, c.heads) for _ in range(c.encoder_layers))
         self.encoder_norm = nn.LayerNorm(c.dim)
-        self.finding_head = nn.Linear(c.dim, c.topics)
         head_dim = c.dim // c.heads
         # Per layer, offsets for the two guides: anatomical region share and finding probability.
         self.guide_key = nn.Parameter(torch.zeros(c.decoder_layers, 2, c.heads, head_dim))
@@ -173,24 +204,32 @@ class ReadoutVLM(nn.Module):
 
     # --- vision ---------------------------------------------------------------------------
 
-    def encode(self, image: torch.Tensor, grid_spacing_mm: torch.Tensor) -> torch.Tensor:
-        """[B, C, D, H, W] windows + [B, 3] mm per grid cell → [B, 1 + N, dim] (geometry token first)."""
-        d, h, w = self.config.tokens_per_axis
-        k, r, c = self.axis_position
-        position = (k[:, None, None] + r[None, :, None] + c[None, None, :]).reshape(d * h * w, -1)
-        x = self.stem(image).flatten(2).transpose(1, 2) + position
+    def encode(self, image: torch.Tensor, grid_spacing_mm: torch.Tensor) -> Encoded:
+        """[B, C, D, H, W] windows + [B, 3] mm per grid cell → tokens and finding maps."""
+        c = self.config
+        d, h, w = c.tokens_per_axis
+        k, r, col = self.axis_position
+        position = (k[:, None, None] + r[None, :, None] + col[None, None, :]).reshape(d * h * w, -1)
+        stages = []
+        x = image
+        for i, conv in enumerate(self.stem):
+            x = conv(x)
+            if i + 1 < len(self.stem):
+                x = F.gelu(x)
+                stages.append(x)
+        x = x.flatten(2).transpose(1, 2) + position
         geometry = self.geometry(torch.log(grid_spacing_mm.float()))[:, None, :].to(x.dtype)
         x = torch.cat([geometry, x], dim=1)
         for block in self.encoder:
             x, _ = block(x, None)
-        return self.encoder_norm(x)
-
-    def finding_logits(self, visual: torch.Tensor) -> torch.Tensor:
-        """[V, 1 + N, dim] encoder output → [V, topics, N] logits: does the token hold a finding of the topic."""
-        return self.finding_head(visual[:, 1:]).transpose(1, 2)
+        tokens = self.encoder_norm(x)
+        from_tokens = self.finding_head(tokens[:, 1:]).transpose(1, 2).reshape(-1, c.topics, d, h, w)
+        logits = sum(_upsample(head(stage), c.finding_grid)
+                     for head, stage in zip(self.finding_heads, stages)) + _upsample(from_tokens, c.finding_grid)
+        return Encoded(tokens, logits)
 
     def visual_stream(self, visual: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Each decoder layer's keys and values [V, H, 1 + N, d] of the encoded volumes [V, 1 + N, dim].
+        """Each decoder layer's keys and values [V, H, 1 + N, d] of the encoded tokens [V, 1 + N, dim].
 
         A visual token attends only to itself, so its attention output is its own projected value.
         """
@@ -210,7 +249,7 @@ class ReadoutVLM(nn.Module):
     def _text_embed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.token_embed(ids) + self.text_position(positions.clamp(max=self.config.max_text - 1))
 
-    def prefill(self, visual: torch.Tensor, region: torch.Tensor, prompt: torch.Tensor, pruning: Pruning = "hard",
+    def prefill(self, visual: Encoded, region: torch.Tensor, prompt: torch.Tensor, pruning: Pruning = "hard",
                 capacity: int = 0, physical: bool = False, rows: torch.Tensor | None = None,
                 topic: torch.Tensor | None = None) -> Prefix:
         """Run [geometry, visual, prompt] through the decoder and schedule the visual tokens.
@@ -218,7 +257,7 @@ class ReadoutVLM(nn.Module):
         Parameters
         ----------
         visual:
-            [V, 1 + N, dim] encoder output, one row per volume.
+            The encoded volumes, one row per volume.
         region:
             [B, N] share of each visual token inside the prompt's anatomical region.
         prompt:
@@ -241,7 +280,7 @@ class ReadoutVLM(nn.Module):
         n = c.visual_tokens
         b = prompt.shape[0]
         rows = torch.arange(b, device=prompt.device) if rows is None else rows
-        stream = self.visual_stream(visual)
+        stream = self.visual_stream(visual.tokens)
         prompt_valid = prompt != 0
         positions = (prompt_valid.cumsum(-1) - 1).clamp(min=0)
         x = self._text_embed(prompt, positions)
@@ -289,12 +328,13 @@ class ReadoutVLM(nn.Module):
         logits = self.head(self.norm(x[:, -1]))  # prompts are left-padded: the last slot is real
         return Prefix(caches, key_valid, prompt_valid.sum(-1), keep.sum(-1), p, logits)
 
-    def _finding_guide(self, visual: torch.Tensor, rows: torch.Tensor, topic: torch.Tensor | None) -> torch.Tensor:
-        """[B, N] probability that each token holds a finding of the prompt's topic (of any topic for -1).
+    def _finding_guide(self, visual: Encoded, rows: torch.Tensor, topic: torch.Tensor | None) -> torch.Tensor:
+        """[B, N] each token's finding probability for the prompt's topic (of any topic for -1).
 
         Detached: the finding head learns from the finding maps alone, the decoder learns to use it.
         """
-        found = torch.sigmoid(self.finding_logits(visual).detach().float())[rows]  # [B, topics, N]
+        cells = tuple(g // t for g, t in zip(self.config.finding_grid, self.config.tokens_per_axis))
+        found = visual.token_findings(cells).detach()[rows]  # [B, topics, N]
         if topic is None:
             return found.max(1).values
         picked = found.gather(1, topic.clamp(min=0)[:, None, None].expand(-1, 1, found.shape[-1])).squeeze(1)
@@ -314,7 +354,7 @@ class ReadoutVLM(nn.Module):
         prefix.next_position = prefix.next_position + a
         return self.head(self.norm(x))
 
-    def forward(self, visual: torch.Tensor, region: torch.Tensor, prompt: torch.Tensor, answer: torch.Tensor,
+    def forward(self, visual: Encoded, region: torch.Tensor, prompt: torch.Tensor, answer: torch.Tensor,
                 pruning: Pruning = "hard", rows: torch.Tensor | None = None,
                 topic: torch.Tensor | None = None) -> tuple[torch.Tensor, Prefix]:
         """Teacher-forced logits [B, A, V] predicting each token of ``answer`` [B, A]."""
@@ -323,6 +363,10 @@ class ReadoutVLM(nn.Module):
         if answer.shape[1] == 1:
             return first, prefix
         return torch.cat([first, self.extend(prefix, answer[:, :-1])], dim=1), prefix
+
+
+def _upsample(logits: torch.Tensor, size: tuple[int, int, int]) -> torch.Tensor:
+    return logits if tuple(logits.shape[2:]) == size else F.interpolate(logits, size=size, mode="trilinear")
 
 
 def _kept_order(keep: torch.Tensor) -> torch.Tensor:

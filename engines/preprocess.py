@@ -22,6 +22,7 @@ from scipy import ndimage
 GRID: tuple[int, int, int] = (32, 128, 128)
 PATCH: tuple[int, int, int] = (4, 16, 16)
 TOKEN_GRID: tuple[int, int, int] = (8, 8, 8)  # GRID // PATCH
+FINDING_GRID: tuple[int, int, int] = (32, 64, 64)  # the demo model's finding maps: GRID // its first stem stride
 BINS = 64
 #: (centre, width) in HU of the three channels: lung, mediastinum (soft tissue), bone.
 WINDOWS: tuple[tuple[float, float], ...] = ((-600.0, 1500.0), (40.0, 400.0), (400.0, 1800.0))

@@ -20,7 +20,7 @@ import torch
 from engines.decoding import Generation, generate
 from engines.errors import EngineError
 from engines.grounding import Candidate, ConsensusFinding, consensus, iou3d, majority_answer, vote_box
-from engines.model import ReadoutVLM
+from engines.model import Encoded, ReadoutVLM
 from engines.phantom import NORMAL_SENTENCES, QUESTIONS, TOPICS
 from engines.preprocess import BINS, ModelInput, bins_to_box, crop_extent, prepare
 from engines.prompts import FOCAL_TYPES, question_region, region_topic, topic_region
@@ -106,7 +106,7 @@ class DemoEngine:
 
     # --- sampling --------------------------------------------------------------------------
 
-    def _encode(self, inputs: Sequence[ModelInput]) -> torch.Tensor:
+    def _encode(self, inputs: Sequence[ModelInput]) -> Encoded:
         image = torch.from_numpy(np.stack([i.image for i in inputs])).to(self.device)
         spacing = torch.tensor([i.grid_spacing_mm for i in inputs], dtype=torch.float32, device=self.device)
         return self.model.encode(image, spacing)
@@ -115,7 +115,7 @@ class DemoEngine:
         longest = max(map(len, prompts))
         return torch.tensor([[0] * (longest - len(p)) + p for p in prompts], device=self.device)
 
-    def _run(self, visual: torch.Tensor, rows: torch.Tensor, inputs: Sequence[ModelInput], regions: Sequence[str],
+    def _run(self, visual: Encoded, rows: torch.Tensor, inputs: Sequence[ModelInput], regions: Sequence[str],
              prompts: list[list[int]], rollouts: int, temperature: float, pruning: bool,
              seed: int) -> tuple[Generation, torch.Tensor, dict[str, float]]:
         """Prefill every prompt once (prompt i reads volume ``rows[i]`` of ``inputs`` and looks at

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from engines.checkpoint import save_checkpoint
 from engines.model import ModelConfig, ReadoutVLM
 from engines.phantom import NORMAL_SENTENCES, TOPICS, render_phantom
-from engines.preprocess import BINS, TOKEN_GRID, box_to_bins, crop_extent, pool_to_tokens, prepare, resample_to_grid
+from engines.preprocess import BINS, FINDING_GRID, box_to_bins, crop_extent, prepare, resample_to_grid
 from engines.prompts import FOCAL_TYPES, question_region, region_topic, topic_region
 from engines.results import StudyResult
 from engines.scheduler import retention_band_loss
@@ -49,9 +49,9 @@ NORMAL_SHARE = 0.15  # extra all-normal phantoms, so "normal" is well learnt
 CROP_SHARE = 0.6  # volumes that also yield a zoomed crop example
 CORRUPT_SHARE = 0.15
 ROBUST_WEIGHT, FLIP_WEIGHT, SPARSITY_WEIGHT = 0.05, 0.1, 0.02
-# The model's finding head learns, per visual token and topic, whether a finding of that topic
-# lies in it (from the phantom's finding map); its probabilities guide the decoder.
-PRESENCE_WEIGHT = 0.5
+# The model's finding head learns, per cell of its finding grid and topic, whether a finding of
+# that topic lies there (from the phantom's finding map); its probabilities guide the decoder.
+FINDING_MAP_WEIGHT = 1.0
 # Coordinate tokens are few among the report's words but carry the grounding: weigh them up.
 COORDINATE_WEIGHT = 3.0
 
@@ -73,19 +73,19 @@ class Example:
     regions: list[dict[str, np.ndarray]]
     sequences: list[Sequence]
     corrupted: list[bool]
-    presence: list[np.ndarray]  # per volume, float32 [topics, N]: share of each token holding a finding
+    finding_maps: list[np.ndarray]  # per volume, uint8 [topics, *FINDING_GRID]: 1 where a finding of the topic lies
 
 
-def finding_presence(phantom, extent) -> np.ndarray:
-    """Per topic, the share of each visual token's cells that hold one of the topic's findings."""
+def finding_maps(phantom, extent) -> np.ndarray:
+    """Per topic, the cells of `FINDING_GRID` over ``extent`` that hold one of the topic's findings."""
     numbers = [t.topic for t in phantom.truth.topics for _ in t.findings]  # finding n is numbers[n - 1]
-    out = np.zeros((len(TOPICS), *TOKEN_GRID), dtype=np.float32)
+    out = np.zeros((len(TOPICS), *FINDING_GRID), dtype=np.uint8)
     for index, topic in enumerate(TOPICS):
         wanted = [n + 1 for n, name in enumerate(numbers) if name == topic]
         if wanted:
             mask = np.isin(phantom.finding_map, wanted).astype(np.float32)
-            out[index] = pool_to_tokens(resample_to_grid(mask, extent, fill=0.0) > 0.5)
-    return out.reshape(len(TOPICS), -1)
+            out[index] = resample_to_grid(mask, extent, fill=0.0, grid=FINDING_GRID) > 0.5
+    return out
 
 
 def _uint8(image: np.ndarray) -> np.ndarray:
@@ -111,7 +111,7 @@ def make_example(seed: int, tokenizer: Tokenizer) -> Example:
     full = prepare(phantom.hu, spacing)
     truth = phantom.truth
     images, spacings, regions, corrupted = [full.image], [full.grid_spacing_mm], [full.regions], [False]
-    presence = [finding_presence(phantom, full.extent)]
+    maps = [finding_maps(phantom, full.extent)]
     sequences = [
         Sequence(0, topic_region(t), tokenizer.topic_prompt(t), tokenizer.encode_answer(topic_items(truth, t, full.extent)))
         for t in TOPICS
@@ -126,13 +126,13 @@ def make_example(seed: int, tokenizer: Tokenizer) -> Example:
         crop = _crop_example(phantom.hu, spacing, truth, focal, rng, tokenizer)
         if crop is not None:
             inp, seq = crop
-            presence.append(finding_presence(phantom, inp.extent))
+            maps.append(finding_maps(phantom, inp.extent))
             images.append(inp.image)
             spacings.append(inp.grid_spacing_mm)
             regions.append(inp.regions)
             corrupted.append(False)
             sequences.append(Sequence(1, seq.region, seq.prompt, seq.answer))
-    return Example([_uint8(i) for i in images], spacings, regions, sequences, corrupted, presence)
+    return Example([_uint8(i) for i in images], spacings, regions, sequences, corrupted, maps)
 
 
 def _crop_example(hu, spacing, truth: StudyResult, focal, rng: random.Random, tokenizer: Tokenizer):
@@ -215,16 +215,16 @@ class Batch:
     prompt: torch.Tensor
     answer: torch.Tensor  # [S, A], 0-padded
     corrupted: torch.Tensor  # [S] bool per sequence
-    presence: torch.Tensor  # [V, topics, N]
+    finding_maps: torch.Tensor  # [V, topics, *FINDING_GRID] uint8
     topic: torch.Tensor  # [S] report topic index of each sequence's region, -1 for any
     volume_corrupted: torch.Tensor  # [V]
 
 
 def collate(examples: list[Example], device: torch.device, corrupt_share: float = 0.0, rng: random.Random | None = None) -> Batch:
-    images, spacings, seq_volume, regions, prompts, answers, corrupted, presence = [], [], [], [], [], [], [], []
+    images, spacings, seq_volume, regions, prompts, answers, corrupted, maps = [], [], [], [], [], [], [], []
     for ex in examples:
         offset = len(images)
-        presence += ex.presence
+        maps += ex.finding_maps
         for image, spacing, region, broken in zip(ex.images, ex.spacings, ex.regions, ex.corrupted):
             broken = broken or (rng is not None and len(images) == offset and rng.random() < corrupt_share)
             images.append(corrupt(image, rng) if broken and rng is not None else image)
@@ -250,7 +250,7 @@ def collate(examples: list[Example], device: torch.device, corrupt_share: float 
         prompt=prompt.to(device),
         answer=padded.to(device),
         corrupted=torch.tensor([corrupted[v] for v in seq_volume], device=device),
-        presence=torch.from_numpy(np.stack(presence)).to(device),
+        finding_maps=torch.from_numpy(np.stack(maps)).to(device),
         volume_corrupted=torch.tensor(corrupted, device=device),
         topic=torch.tensor([region_topic(s.region) for ex in examples for s in ex.sequences], device=device),
     )
@@ -278,11 +278,11 @@ def _losses(model: ReadoutVLM, batch: Batch, pruning: str, flip: bool) -> dict[s
     weight = clean * torch.where(batch.answer >= model.config.vocab_size - BINS, COORDINATE_WEIGHT, 1.0)
     losses = {"ce": (ce * weight).sum() / weight.sum().clamp(min=1)}
     if (~batch.volume_corrupted).any():
-        logits_p = model.finding_logits(encoded[~batch.volume_corrupted]).float()  # [V, topics, N]
-        target = (batch.presence[~batch.volume_corrupted] > 0).float()
-        # Findings cover few tokens: weight positives so they are not ignored.
+        logits_map = encoded.finding_logits[~batch.volume_corrupted].float()
+        target = batch.finding_maps[~batch.volume_corrupted].float()
+        # Findings cover few cells: weight positives so they are not ignored.
         pos_weight = ((1 - target).sum() / target.sum().clamp(min=1)).clamp(max=50.0)
-        losses["presence"] = PRESENCE_WEIGHT * F.binary_cross_entropy_with_logits(logits_p, target, pos_weight=pos_weight)
+        losses["finding_map"] = FINDING_MAP_WEIGHT * F.binary_cross_entropy_with_logits(logits_map, target, pos_weight=pos_weight)
     with torch.no_grad():
         losses["accuracy"] = ((logits.argmax(-1) == batch.answer) & clean).sum() / clean.sum().clamp(min=1)
     broken = valid & batch.corrupted[:, None]
@@ -390,10 +390,11 @@ def model_card(info: dict, evaluation: str | None = None) -> str:
         "",
         "**Synthetic data only — not for clinical use.**",
         "",
-        "A small 3D vision-language model (convolutional stem and transformer encoder over a 32x128x128 grid with",
-        "lung, mediastinal and bone windows, 512 visual tokens; decoder with Photon token scheduling at a quarter",
-        "of its depth, visual keys and values shared by every prompt of a volume) that writes topic-organized",
-        "findings with boxes and answers questions about Readout's synthetic chest CT phantoms.",
+        "A small 3D vision-language model (strided convolutional stem and transformer encoder over a 32x128x128",
+        "grid with lung, mediastinal and bone windows, 512 visual tokens, dense per-topic finding maps at",
+        "32x64x64; decoder with Photon token scheduling at a quarter of its depth, visual keys and values shared",
+        "by every prompt of a volume) that writes topic-organized findings with boxes and answers questions",
+        "about Readout's synthetic chest CT phantoms.",
         "",
         "| | |", "|---|---|",
         f"| data | phantoms rendered on the fly from seeds {t['train_seeds_from']} upwards (held out: validation "
@@ -406,8 +407,8 @@ def model_card(info: dict, evaluation: str | None = None) -> str:
         "",
         "Training: no pruning, then soft (visual values x p), then hard dropping with Photon's surrogate gradient;",
         "retention band [0.3, 0.8], robustness (corrupted volumes -> maximal answer entropy) and flip regularizers;",
-        "a finding head on the encoder learns each topic's finding locations from the phantoms' finding maps,",
-        "and its probabilities guide the decoder's attention.",
+        "a finding head on the stem and encoder learns each topic's finding map voxel by voxel from the phantoms'",
+        "finding maps, and each token's highest probability for the prompt's topic guides the decoder's attention.",
     ]
     if evaluation:
         lines += ["", "## Evaluation", "", evaluation]
