@@ -11,7 +11,7 @@ visual tokens the rest of the model keeps:
    theta = 0.9 sigmoid(.); token j is kept iff rho_j > theta, so the kept count varies per volume
    and per prompt.
 
-Training uses p_j = sigmoid((rho_j - theta) / 0.2): first soft (hidden states scaled by p), then
+Training uses p_j = sigmoid((rho_j - theta) / 0.2): first soft (visual values scaled by p), then
 hard dropping with the straight-through surrogate gradient (SGP) of `SurrogateGate`.
 """
 

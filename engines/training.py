@@ -1,7 +1,7 @@
 """Train the demo model on phantoms generated on the fly (`readout train`).
 
 Settings sit at the top. Progress (0 → 1, by steps or by the time limit, whichever is further)
-drives the learning rate and Photon's phases: no pruning, then soft (hidden states scaled by
+drives the learning rate and Photon's phases: no pruning, then soft (visual values scaled by
 p), then hard dropping with the surrogate gradient; the retention band from the soft phase on,
 the robustness regularizer (corrupted volumes → maximal answer entropy) from the soft phase,
 the flip regularizer late in the hard phase.
