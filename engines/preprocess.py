@@ -2,7 +2,7 @@
 
 ``prepare`` resamples the region to `GRID` (trilinear, cell ``i`` covering the ``i``-th of
 `GRID` equal parts of the region), windows it into three channels and derives rough anatomy
-regions from HU alone, so the same function serves training on phantoms and inference on real
+regions from HU alone (channels too, and pooled per token for the topic guide), so the same function serves training on phantoms and inference on real
 CT. Boxes travel between voxels and the model's coordinate bins with `box_to_bins` and
 `bins_to_box`; `crop_extent` picks the region for a zoomed re-look at a box.
 
@@ -26,6 +26,13 @@ FINDING_GRID: tuple[int, int, int] = (32, 64, 64)  # the demo model's finding ma
 BINS = 64
 #: (centre, width) in HU of the three channels: lung, mediastinum (soft tissue), bone.
 WINDOWS: tuple[tuple[float, float], ...] = ((-600.0, 1500.0), (40.0, 400.0), (400.0, 1800.0))
+#: Anatomy masks (`region_masks`) that follow the windows as input channels, so the first layers
+#: know which organ a cell lies in ...
+MASK_CHANNELS: tuple[str, ...] = ("lung", "pleura", "heart", "liver", "bone")
+#: ... then, for these masks, the cells each encloses in-plane without containing them: the holes a
+#: nodule, a liver lesion or a lytic lesion leaves (vessels and the spinal canal leave some too).
+HOLE_CHANNELS: tuple[str, ...] = ("lung", "liver", "bone")
+CHANNELS = len(WINDOWS) + len(MASK_CHANNELS) + len(HOLE_CHANNELS)
 #: The anatomy region each report topic is about.
 TOPIC_REGIONS: dict[str, str] = {"lungs": "lung", "pleura": "pleura", "heart": "heart", "liver": "liver",
                                  "bones": "bone"}
@@ -57,7 +64,8 @@ class ModelInput:
     Attributes
     ----------
     image:
-        float32 ``[3, *GRID]`` in [0, 1]: the region through each of `WINDOWS`.
+        float32 ``[CHANNELS, *GRID]`` in [0, 1]: the region through each of `WINDOWS`, then
+        its `MASK_CHANNELS` and `HOLE_CHANNELS` (0 or 1).
     grid_spacing_mm:
         Millimetres per grid cell along k, r and c.
     regions:
@@ -104,8 +112,12 @@ def prepare(hu: np.ndarray, spacing_mm: tuple[float, float, float],
     extent = _check_extent((0, 0, 0, *hu.shape) if extent is None else extent)
     grid_hu = resample_to_grid(hu, extent)
     grid_spacing = tuple(float((extent[i + 3] - extent[i]) * spacing_mm[i] / GRID[i]) for i in range(3))
-    regions = {name: pool_to_tokens(mask) for name, mask in region_masks(grid_hu, grid_spacing).items()}
-    return ModelInput(window(grid_hu), grid_spacing, regions, extent)  # type: ignore[arg-type]
+    masks = region_masks(grid_hu, grid_spacing)
+    regions = {name: pool_to_tokens(mask) for name, mask in masks.items()}
+    holes = [ndimage.binary_fill_holes(masks[name], structure=_IN_PLANE) & ~masks[name] for name in HOLE_CHANNELS]
+    anatomy = np.stack([masks[name] for name in MASK_CHANNELS] + holes).astype(np.float32)
+    image = np.concatenate([window(grid_hu), anatomy])
+    return ModelInput(image, grid_spacing, regions, extent)  # type: ignore[arg-type]
 
 
 def resample_to_grid(values: np.ndarray, extent: Sequence[float], fill: float = AIR_HU,

@@ -1,8 +1,9 @@
 """Train the demo model on phantoms generated on the fly (`readout train`).
 
 Settings sit at the top. Progress (0 → 1, by steps or by the time limit, whichever is further)
-drives the learning rate and Photon's phases: no pruning, then soft (visual values scaled by
-p), then hard dropping with the surrogate gradient; the retention band from the soft phase on,
+drives the learning rate and the phases: the encoder's finding maps alone first, then the whole
+model through Photon's phases: no pruning, then soft (visual values scaled by p), then hard
+dropping with the surrogate gradient; the retention band from the soft phase on,
 the robustness regularizer (corrupted volumes → maximal answer entropy) from the soft phase,
 the flip regularizer late in the hard phase.
 """
@@ -44,11 +45,14 @@ LEARNING_RATE = 1e-3
 # Photon's threshold MLP starts saturated (theta ~ 0.006); it needs a larger step to move.
 THRESHOLD_LR_SCALE = 20.0
 WARMUP = 0.03
-SOFT_FROM, HARD_FROM, FLIP_FROM = 0.35, 0.6, 0.75
+# First the encoder learns to see findings on its own (its finding maps; a step costs a fifth of a
+# full one), then the decoder learns to read them.
+DETECT_UNTIL = 0.2
+SOFT_FROM, HARD_FROM, FLIP_FROM = 0.45, 0.65, 0.8
 NORMAL_SHARE = 0.15  # extra all-normal phantoms, so "normal" is well learnt
 CROP_SHARE = 0.6  # volumes that also yield a zoomed crop example
 CORRUPT_SHARE = 0.15
-ROBUST_WEIGHT, FLIP_WEIGHT, SPARSITY_WEIGHT = 0.05, 0.1, 0.02
+ROBUST_WEIGHT, FLIP_WEIGHT, SPARSITY_WEIGHT = 0.05, 0.1, 0.05
 # The model's finding head learns, per cell of its finding grid and topic, whether a finding of
 # that topic lies there (from the phantom's finding map); its probabilities guide the decoder.
 FINDING_MAP_WEIGHT = 1.0
@@ -68,7 +72,7 @@ class Sequence:
 class Example:
     """One phantom's training material: its volume(s) and the sequences asked of them."""
 
-    images: list[np.ndarray]  # uint8 [3, D, H, W]
+    images: list[np.ndarray]  # uint8 [CHANNELS, D, H, W]
     spacings: list[tuple[float, float, float]]
     regions: list[dict[str, np.ndarray]]
     sequences: list[Sequence]
@@ -257,6 +261,8 @@ def collate(examples: list[Example], device: torch.device, corrupt_share: float 
 
 
 def _phase(progress: float) -> str:
+    if progress < DETECT_UNTIL:
+        return "detect"
     if progress < SOFT_FROM:
         return "off"
     return "soft" if progress < HARD_FROM else "hard"
@@ -268,21 +274,25 @@ def _learning_rate(progress: float) -> float:
     return LEARNING_RATE * 0.5 * (1 + math.cos(math.pi * min(1.0, (progress - WARMUP) / (1 - WARMUP))))
 
 
-def _losses(model: ReadoutVLM, batch: Batch, pruning: str, flip: bool) -> dict[str, torch.Tensor]:
+def _losses(model: ReadoutVLM, batch: Batch, phase: str, flip: bool) -> dict[str, torch.Tensor]:
+    """The training losses of ``phase`` (`_phase`); ``detect`` trains the encoder's finding maps alone."""
     encoded = model.encode(batch.image, batch.spacing)
-    logits, prefix = model(encoded, batch.region, batch.prompt, batch.answer, pruning, rows=batch.sequence_volume,
-                           topic=batch.topic)
-    valid = batch.answer != 0
-    clean = valid & ~batch.corrupted[:, None]
-    ce = F.cross_entropy(logits.float().transpose(1, 2), batch.answer, reduction="none")
-    weight = clean * torch.where(batch.answer >= model.config.vocab_size - BINS, COORDINATE_WEIGHT, 1.0)
-    losses = {"ce": (ce * weight).sum() / weight.sum().clamp(min=1)}
+    losses = {}
     if (~batch.volume_corrupted).any():
         logits_map = encoded.finding_logits[~batch.volume_corrupted].float()
         target = batch.finding_maps[~batch.volume_corrupted].float()
         # Findings cover few cells: weight positives so they are not ignored.
         pos_weight = ((1 - target).sum() / target.sum().clamp(min=1)).clamp(max=50.0)
         losses["finding_map"] = FINDING_MAP_WEIGHT * F.binary_cross_entropy_with_logits(logits_map, target, pos_weight=pos_weight)
+    if phase == "detect":
+        return losses
+    logits, prefix = model(encoded, batch.region, batch.prompt, batch.answer, phase, rows=batch.sequence_volume,
+                           topic=batch.topic)
+    valid = batch.answer != 0
+    clean = valid & ~batch.corrupted[:, None]
+    ce = F.cross_entropy(logits.float().transpose(1, 2), batch.answer, reduction="none")
+    weight = clean * torch.where(batch.answer >= model.config.vocab_size - BINS, COORDINATE_WEIGHT, 1.0)
+    losses["ce"] = (ce * weight).sum() / weight.sum().clamp(min=1)
     with torch.no_grad():
         losses["accuracy"] = ((logits.argmax(-1) == batch.answer) & clean).sum() / clean.sum().clamp(min=1)
     broken = valid & batch.corrupted[:, None]
@@ -292,8 +302,8 @@ def _losses(model: ReadoutVLM, batch: Batch, pruning: str, flip: bool) -> dict[s
         losses["robust"] = -ROBUST_WEIGHT * (entropy * broken).sum() / broken.sum()
     if prefix.p is not None:
         losses["band"] = retention_band_loss(prefix.p)
-        losses["kept"] = prefix.p.mean().detach() if pruning == "soft" else prefix.kept.float().mean().detach() / prefix.p.shape[1]
-        if pruning == "hard":
+        losses["kept"] = prefix.p.mean().detach() if phase == "soft" else prefix.kept.float().mean().detach() / prefix.p.shape[1]
+        if phase == "hard":
             losses["sparsity"] = SPARSITY_WEIGHT * prefix.p.mean()
     if flip:
         rows = torch.nonzero(~batch.corrupted).flatten()
@@ -346,13 +356,13 @@ def train(out: Path, steps: int, device: str = "cpu", time_limit_s: float | None
             seen += 1
         examples = rng.sample(list(replay), min(VOLUMES_PER_STEP, len(replay)))
         progress = max(step / steps, (time.time() - started) / time_limit_s if time_limit_s else 0.0)
-        pruning = _phase(progress)
-        batch = collate(examples, dev, CORRUPT_SHARE if pruning != "off" else 0.0, rng)
+        phase = _phase(progress)
+        batch = collate(examples, dev, CORRUPT_SHARE if phase in ("soft", "hard") else 0.0, rng)
         for group in optimizer.param_groups:
             group["lr"] = _learning_rate(progress) * group["scale"]
         model.train()
         with autocast:
-            losses = _losses(model, batch, pruning, flip=progress >= FLIP_FROM)
+            losses = _losses(model, batch, phase, flip=progress >= FLIP_FROM)
         total = sum(v for k, v in losses.items() if k not in ("accuracy", "kept"))
         optimizer.zero_grad(set_to_none=True)
         total.backward()
@@ -360,11 +370,11 @@ def train(out: Path, steps: int, device: str = "cpu", time_limit_s: float | None
         optimizer.step()
         step += 1
         if step % 25 == 0 or progress >= 1.0:
-            record = {"step": step, "progress": round(progress, 4), "phase": pruning, "volumes": seen,
+            record = {"step": step, "progress": round(progress, 4), "phase": phase, "volumes": seen,
                       "elapsed_s": round(time.time() - started, 1),
                       **{k: round(float(v.detach()), 4) for k, v in losses.items()}}
             if step % 100 == 0 or progress >= 1.0:
-                record["validation"] = evaluate_loss(model, validation, dev, pruning)
+                record["validation"] = evaluate_loss(model, validation, dev, phase)
                 save_checkpoint(model, out / "demo", {"partial": True, "step": step, "progress": progress})
             log_file.write(json.dumps(record) + "\n")
             log_file.flush()
@@ -391,7 +401,7 @@ def model_card(info: dict, evaluation: str | None = None) -> str:
         "**Synthetic data only — not for clinical use.**",
         "",
         "A small 3D vision-language model (strided convolutional stem and transformer encoder over a 32x128x128",
-        "grid with lung, mediastinal and bone windows, 512 visual tokens, dense per-topic finding maps at",
+        "grid with lung, mediastinal and bone windows and five HU-based anatomy masks, 512 visual tokens, dense per-topic finding maps at",
         "32x64x64; decoder with Photon token scheduling at a quarter of its depth, visual keys and values shared",
         "by every prompt of a volume) that writes topic-organized findings with boxes and answers questions",
         "about Readout's synthetic chest CT phantoms.",
@@ -405,8 +415,8 @@ def model_card(info: dict, evaluation: str | None = None) -> str:
         f"| machine | {t['machine']} |",
         f"| final validation (teacher-forced) | {json.dumps(t['final_validation'])} |",
         "",
-        "Training: no pruning, then soft (visual values x p), then hard dropping with Photon's surrogate gradient;",
-        "retention band [0.3, 0.8], robustness (corrupted volumes -> maximal answer entropy) and flip regularizers;",
+        "Training: the finding maps alone first; then no pruning, then soft (visual values x p), then hard",
+        "dropping with Photon's surrogate gradient; retention band [0.3, 0.8], robustness (corrupted volumes -> maximal answer entropy) and flip regularizers;",
         "a finding head on the stem and encoder learns each topic's finding map voxel by voxel from the phantoms'",
         "finding maps, and each token's highest probability for the prompt's topic guides the decoder's attention.",
     ]
@@ -416,13 +426,14 @@ def model_card(info: dict, evaluation: str | None = None) -> str:
 
 
 @torch.no_grad()
-def evaluate_loss(model: ReadoutVLM, examples: list[Example], device: torch.device, pruning: str) -> dict:
-    """Teacher-forced loss, token accuracy and kept ratio on fixed held-out phantoms."""
+def evaluate_loss(model: ReadoutVLM, examples: list[Example], device: torch.device, phase: str) -> dict:
+    """Finding-map loss and (past the detect phase) teacher-forced loss, token accuracy and kept
+    ratio on fixed held-out phantoms."""
     model.eval()
     batch = collate(examples, device)
-    losses = _losses(model, batch, pruning if pruning != "soft" else "hard", flip=False)
+    losses = _losses(model, batch, phase if phase != "soft" else "hard", flip=False)
     model.train()
-    return {k: round(float(v), 4) for k, v in losses.items() if k in ("ce", "accuracy", "kept")}
+    return {k: round(float(v), 4) for k, v in losses.items() if k in ("finding_map", "ce", "accuracy", "kept")}
 
 
 def _device_name(device: torch.device) -> str:

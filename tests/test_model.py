@@ -12,6 +12,7 @@ import torch
 from engines import training
 from engines.decoding import generate
 from engines.model import ModelConfig, ReadoutVLM
+from engines.preprocess import CHANNELS, GRID
 from engines.tokenizer import Tokenizer
 
 TINY = dict(dim=64, heads=4, encoder_layers=1, decoder_layers=4, schedule_layer=1)
@@ -33,7 +34,7 @@ def model(tokenizer) -> ReadoutVLM:
 
 def _inputs(tokenizer, n_volumes=2, topics=("lungs", "heart")):
     torch.manual_seed(1)
-    image = torch.rand(n_volumes, 3, 32, 128, 128)
+    image = torch.rand(n_volumes, CHANNELS, *GRID)
     spacing = torch.tensor([[5.0, 2.0, 2.0], [2.5, 1.2, 1.2]][:n_volumes])
     prompts = [tokenizer.topic_prompt(t) for t in topics]
     longest = max(map(len, prompts))
@@ -97,6 +98,17 @@ def test_surrogate_gradient_reaches_the_threshold_in_a_training_step(model, toke
     assert torch.isfinite(qkv).all() and qkv.abs().sum() > 0
     assert model.finding_head.weight.grad.abs().sum() > 0 and model.stem[0].weight.grad.abs().sum() > 0
     assert all(head.weight.grad.abs().sum() > 0 for head in model.finding_heads)
+
+
+def test_detect_phase_trains_only_the_encoder_and_its_finding_maps(model, tokenizer):
+    batch = training.collate([training.make_example(10_000_000, tokenizer)], torch.device("cpu"))
+    model.train()
+    losses = training._losses(model, batch, "detect", flip=False)
+    assert set(losses) == {"finding_map"}
+    losses["finding_map"].backward()
+    assert model.stem[0].weight.grad.abs().sum() > 0 and model.finding_head.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.decoder.parameters())
+    assert training._phase(0.0) == "detect" and training._phase(training.DETECT_UNTIL) == "off"
 
 
 def test_finding_maps_mark_each_topics_findings_where_they_lie(tokenizer):

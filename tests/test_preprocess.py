@@ -11,7 +11,10 @@ import torch
 from engines.phantom import ANATOMY_LABELS, Phantom, render_phantom
 from engines.preprocess import (
     BINS,
+    CHANNELS,
     GRID,
+    HOLE_CHANNELS,
+    MASK_CHANNELS,
     REGIONS,
     TOKEN_GRID,
     TOPIC_REGIONS,
@@ -34,9 +37,9 @@ def _windowed(hu: float) -> list[float]:
 @pytest.mark.parametrize("hu", [-850, 100, -1000, 2000])
 def test_constant_volume_gives_the_hand_computed_window_values(hu: int) -> None:
     model_input = prepare(np.full((40, 100, 90), hu, np.int16), (2.5, 0.7, 0.7))
-    assert model_input.image.shape == (3, *GRID)
+    assert model_input.image.shape == (CHANNELS, *GRID)
     assert model_input.image.dtype == np.float32
-    for channel, expected in zip(model_input.image, _windowed(hu)):
+    for channel, expected in zip(model_input.image[: len(WINDOWS)], _windowed(hu)):
         np.testing.assert_allclose(channel, expected, atol=1e-6)
     assert model_input.extent == (0, 0, 0, 40, 100, 90)
     assert model_input.grid_spacing_mm == pytest.approx((40 * 2.5 / 32, 100 * 0.7 / 128, 90 * 0.7 / 128))
@@ -74,7 +77,7 @@ def test_crop_partly_outside_the_volume_reads_air_there() -> None:
     assert (inside[16:, :, 50:54] == 1000).all()
 
     image = prepare(_slab_volume(), (1.0, 1.0, 1.0), (-32, 128, 0, 32, 384, 256)).image
-    np.testing.assert_allclose(image[:, :16], np.array(_windowed(-1000))[:, None, None, None] * np.ones((1, 16, 128, 128)))
+    np.testing.assert_allclose(image[: len(WINDOWS), :16], np.array(_windowed(-1000))[:, None, None, None] * np.ones((1, 16, 128, 128)))
 
 
 @pytest.mark.parametrize("shape", [(40, 100, 90), (90, 300, 256), (7, 33, 260)])
@@ -235,6 +238,25 @@ def test_pooled_regions_are_fractions_per_token() -> None:
         assert 0.0 <= fraction.min() and fraction.max() <= 1.0, name
         assert fraction.max() > 0.0, f"{name} covers no token"
     assert model_input.regions["body"].mean() > model_input.regions["lung"].mean()
+
+
+def test_anatomy_masks_follow_the_windows_as_channels() -> None:
+    phantom, masks = _phantom("findings")
+    spacing = (phantom.slice_spacing_mm, phantom.pixel_spacing_mm, phantom.pixel_spacing_mm)
+    image = prepare(phantom.hu, spacing).image
+    assert image.shape == (CHANNELS, *GRID)
+    assert CHANNELS == len(WINDOWS) + len(MASK_CHANNELS) + len(HOLE_CHANNELS)
+    for channel, name in zip(image[len(WINDOWS):], MASK_CHANNELS):
+        np.testing.assert_array_equal(channel, masks[name].astype(np.float32), err_msg=name)
+        assert channel.any(), name
+    holes = dict(zip(HOLE_CHANNELS, image[len(WINDOWS) + len(MASK_CHANNELS):].astype(bool)))
+    for name, hole in holes.items():
+        assert not (hole & masks[name]).any(), name
+    # The lung mass and the lytic lesion (soft tissue HU) are holes in the lung and bone masks.
+    types = [f.type for t in phantom.truth.topics for f in t.findings]
+    for kind, name in (("mass", "lung"), ("lytic lesion", "bone")):
+        lesion = _label_on_grid(phantom, phantom.finding_map == types.index(kind) + 1)
+        assert (lesion & holes[name]).sum() > 0.5 * lesion.sum() > 0, kind
 
 
 def test_regions_of_air_are_empty() -> None:
