@@ -176,7 +176,7 @@ class ReadoutVLM(nn.Module):
         s = c.stem_channels
         widths = (c.channels, s, 2 * s, 4 * s, c.dim)
         self.stem = nn.ModuleList(
-            nn.Conv3d(a, b, kernel_size=tuple(2 * t if t > 1 else 1 for t in stride),
+            nn.Conv3d(a, b, kernel_size=tuple(t + 1 if t > 1 else 1 for t in stride),
                       stride=stride, padding=tuple(t // 2 for t in stride))
             for a, b, stride in zip(widths, widths[1:], c.stem_strides)
         )
