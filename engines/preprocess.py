@@ -2,9 +2,10 @@
 
 ``prepare`` resamples the region to `GRID` (trilinear, cell ``i`` covering the ``i``-th of
 `GRID` equal parts of the region), windows it into three channels and derives rough anatomy
-regions from HU alone (channels too, and pooled per token for the topic guide), so the same function serves training on phantoms and inference on real
-CT. Boxes travel between voxels and the model's coordinate bins with `box_to_bins` and
-`bins_to_box`; `crop_extent` picks the region for a zoomed re-look at a box.
+regions from HU alone (more channels, and pooled per token for the topic guide), so the same
+function serves training on phantoms and inference on real CT. Boxes travel between voxels and
+the model's coordinate bins with `box_to_bins` and `bins_to_box`; `crop_extent` picks the region
+for a zoomed re-look at a box.
 
 Directions follow the Volume contract for axial CT: ``k`` runs feet to head, rows run anterior
 to posterior and columns patient right to left (LPS).
