@@ -123,7 +123,8 @@ class DemoEngine:
         t0 = time.perf_counter()
         share = np.stack([inputs[int(v)].regions[name].reshape(-1) for v, name in zip(rows, regions)])
         topic = torch.tensor([region_topic(name) for name in regions], device=self.device)
-        prefix = self.model.prefill(visual, torch.from_numpy(share).float().to(self.device), self._prompts(prompts),
+        prompt = with_candidates(self._prompts(prompts), visual.finding_logits, rows, topic, self.tokenizer)
+        prefix = self.model.prefill(visual, torch.from_numpy(share).float().to(self.device), prompt,
                                     "hard" if pruning else "off", capacity=MAX_ANSWER_TOKENS, physical=True,
                                     rows=rows, topic=topic)
         kept = prefix.kept.float() / self.model.config.visual_tokens

@@ -131,7 +131,16 @@ class TokenScheduler(nn.Module):
         return rho, theta, p
 
 
-def retention_band_loss(p: torch.Tensor, low: float = 0.3, high: float = 0.8) -> torch.Tensor:
-    """Keep the expected kept ratio r = mean p inside [low, high]."""
-    r = p.mean(-1)
-    return (F.relu(r - high) + F.relu(low - r)).mean()
+def kept_ratio(p: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """[B] share of visual tokens hard dropping keeps, with the gradient of mean p.
+
+    Bounding mean p alone lets p settle just above 0.5 everywhere: the band is met while nearly
+    every token is kept.
+    """
+    mean = p.mean(-1)
+    return kept.to(p.dtype) / p.shape[-1] + mean - mean.detach()
+
+
+def retention_band_loss(ratio: torch.Tensor, low: float = 0.3, high: float = 0.8) -> torch.Tensor:
+    """Keep the kept ratio [B] (mean p when soft, `kept_ratio` when hard) inside [low, high]."""
+    return (F.relu(ratio - high) + F.relu(low - ratio)).mean()

@@ -26,13 +26,14 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from engines.checkpoint import save_checkpoint
+from engines.candidates import with_candidates
+from engines.checkpoint import load_checkpoint, save_checkpoint
 from engines.model import ModelConfig, ReadoutVLM
 from engines.phantom import NORMAL_SENTENCES, TOPICS, render_phantom
 from engines.preprocess import BINS, FINDING_GRID, box_to_bins, crop_extent, prepare, resample_to_grid
 from engines.prompts import FOCAL_TYPES, question_region, region_topic, topic_region
 from engines.results import StudyResult
-from engines.scheduler import retention_band_loss
+from engines.scheduler import kept_ratio, retention_band_loss
 from engines.tokenizer import MAX_ANSWER_TOKENS, Tokenizer
 
 # --- settings ---------------------------------------------------------------------------------
@@ -260,8 +261,8 @@ def collate(examples: list[Example], device: torch.device, corrupt_share: float 
     )
 
 
-def _phase(progress: float) -> str:
-    if progress < DETECT_UNTIL:
+def _phase(progress: float, detect_until: float = DETECT_UNTIL) -> str:
+    if progress < detect_until:
         return "detect"
     if progress < SOFT_FROM:
         return "off"
@@ -274,7 +275,7 @@ def _learning_rate(progress: float) -> float:
     return LEARNING_RATE * 0.5 * (1 + math.cos(math.pi * min(1.0, (progress - WARMUP) / (1 - WARMUP))))
 
 
-def _losses(model: ReadoutVLM, batch: Batch, phase: str, flip: bool) -> dict[str, torch.Tensor]:
+def _losses(model: ReadoutVLM, tokenizer: Tokenizer, batch: Batch, phase: str, flip: bool) -> dict[str, torch.Tensor]:
     """The training losses of ``phase`` (`_phase`); ``detect`` trains the encoder's finding maps alone."""
     encoded = model.encode(batch.image, batch.spacing)
     losses = {}
@@ -286,7 +287,9 @@ def _losses(model: ReadoutVLM, batch: Batch, phase: str, flip: bool) -> dict[str
         losses["finding_map"] = FINDING_MAP_WEIGHT * F.binary_cross_entropy_with_logits(logits_map, target, pos_weight=pos_weight)
     if phase == "detect":
         return losses
-    logits, prefix = model(encoded, batch.region, batch.prompt, batch.answer, phase, rows=batch.sequence_volume,
+    # The candidates come from the model's own maps, as at inference: the decoder learns which to trust.
+    prompt = with_candidates(batch.prompt, encoded.finding_logits, batch.sequence_volume, batch.topic, tokenizer)
+    logits, prefix = model(encoded, batch.region, prompt, batch.answer, phase, rows=batch.sequence_volume,
                            topic=batch.topic)
     valid = batch.answer != 0
     clean = valid & ~batch.corrupted[:, None]
@@ -301,14 +304,15 @@ def _losses(model: ReadoutVLM, batch: Batch, phase: str, flip: bool) -> dict[str
         entropy = -(logp.exp() * logp).sum(-1)
         losses["robust"] = -ROBUST_WEIGHT * (entropy * broken).sum() / broken.sum()
     if prefix.p is not None:
-        losses["band"] = retention_band_loss(prefix.p)
-        losses["kept"] = prefix.p.mean().detach() if phase == "soft" else prefix.kept.float().mean().detach() / prefix.p.shape[1]
+        ratio = prefix.p.mean(-1) if phase == "soft" else kept_ratio(prefix.p, prefix.kept)
+        losses["band"] = retention_band_loss(ratio)
+        losses["kept"] = ratio.mean().detach()
         if phase == "hard":
-            losses["sparsity"] = SPARSITY_WEIGHT * prefix.p.mean()
+            losses["sparsity"] = SPARSITY_WEIGHT * ratio.mean()
     if flip:
         rows = torch.nonzero(~batch.corrupted).flatten()
         rows = rows[torch.randperm(len(rows), device=rows.device)[: max(2, len(rows) // 20)]]
-        flipped, _ = model(encoded, batch.region[rows], batch.prompt[rows], batch.answer[rows], "flip",
+        flipped, _ = model(encoded, batch.region[rows], prompt[rows], batch.answer[rows], "flip",
                            rows=batch.sequence_volume[rows], topic=batch.topic[rows])
         p_true = flipped.float().softmax(-1).gather(-1, batch.answer[rows][..., None]).squeeze(-1)
         mask = valid[rows]
@@ -321,16 +325,21 @@ def validation_examples(tokenizer: Tokenizer) -> list[Example]:
 
 
 def train(out: Path, steps: int, device: str = "cpu", time_limit_s: float | None = None, workers: int | None = None,
-          log: Callable[[str], None] = print, model_size: dict | None = None) -> dict:
-    """Train a fresh model; writes ``out/demo.safetensors``, ``out/demo.json`` and ``out/train_log.jsonl``.
+          log: Callable[[str], None] = print, model_size: dict | None = None, init: Path | None = None) -> dict:
+    """Train a model; writes ``out/demo.safetensors``, ``out/demo.json`` and ``out/train_log.jsonl``.
 
-    ``model_size`` overrides ModelConfig fields (e.g. a tiny model for tests).
+    ``model_size`` overrides ModelConfig fields (e.g. a tiny model for tests). ``init`` starts from
+    a saved checkpoint instead of fresh weights (its finding maps are trained, so no detect phase).
     """
     torch.manual_seed(0)
     rng = random.Random(0)
     tokenizer = Tokenizer()
     dev = torch.device(device)
-    model = ReadoutVLM(ModelConfig(vocab_size=len(tokenizer), topics=len(TOPICS), **(model_size or {}))).to(dev)
+    if init is None:
+        model = ReadoutVLM(ModelConfig(vocab_size=len(tokenizer), topics=len(TOPICS), **(model_size or {}))).to(dev)
+    else:
+        model, init_meta = load_checkpoint(init, device)
+    detect_until = DETECT_UNTIL if init is None else 0.0
     threshold = [p for n, p in model.named_parameters() if n.startswith("scheduler.")]
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and not n.startswith("scheduler.")]
     other = [p for n, p in model.named_parameters() if p.dim() < 2 and not n.startswith("scheduler.")]
@@ -356,13 +365,13 @@ def train(out: Path, steps: int, device: str = "cpu", time_limit_s: float | None
             seen += 1
         examples = rng.sample(list(replay), min(VOLUMES_PER_STEP, len(replay)))
         progress = max(step / steps, (time.time() - started) / time_limit_s if time_limit_s else 0.0)
-        phase = _phase(progress)
+        phase = _phase(progress, detect_until)
         batch = collate(examples, dev, CORRUPT_SHARE if phase in ("soft", "hard") else 0.0, rng)
         for group in optimizer.param_groups:
             group["lr"] = _learning_rate(progress) * group["scale"]
         model.train()
         with autocast:
-            losses = _losses(model, batch, phase, flip=progress >= FLIP_FROM)
+            losses = _losses(model, tokenizer, batch, phase, flip=progress >= FLIP_FROM)
         total = sum(v for k, v in losses.items() if k not in ("accuracy", "kept"))
         optimizer.zero_grad(set_to_none=True)
         total.backward()
@@ -374,19 +383,22 @@ def train(out: Path, steps: int, device: str = "cpu", time_limit_s: float | None
                       "elapsed_s": round(time.time() - started, 1),
                       **{k: round(float(v.detach()), 4) for k, v in losses.items()}}
             if step % 100 == 0 or progress >= 1.0:
-                record["validation"] = evaluate_loss(model, validation, dev, phase)
+                record["validation"] = evaluate_loss(model, tokenizer, validation, dev, phase)
                 save_checkpoint(model, out / "demo", {"partial": True, "step": step, "progress": progress})
             log_file.write(json.dumps(record) + "\n")
             log_file.flush()
             log(json.dumps(record))
     wall = time.time() - started
-    final = evaluate_loss(model, validation, dev, "hard")
+    final = evaluate_loss(model, tokenizer, validation, dev, "hard")
     info = {
         "tokenizer": {"bins": tokenizer.bins, "size": len(tokenizer)},
         "training": {"steps": step, "volumes_rendered": seen, "wall_time_s": round(wall, 1), "device": _device_name(dev),
                      "machine": platform.platform(), "train_seeds_from": TRAIN_SEED_BASE,
                      "validation_seeds": [VALIDATION_SEEDS.start, VALIDATION_SEEDS.stop - 1], "final_validation": final},
     }
+    if init is not None:
+        earlier = init_meta.get("training", {})
+        info["training"]["started_from"] = {k: earlier.get(k) for k in ("steps", "wall_time_s", "device", "started_from")}
     save_checkpoint(model, out / "demo", info)
     (out / "MODEL_CARD.md").write_text(model_card(info))
     return info
@@ -411,6 +423,7 @@ def model_card(info: dict, evaluation: str | None = None) -> str:
         f"{t['validation_seeds'][0]}-{t['validation_seeds'][1]}, evaluation 9001-9999) |",
         f"| steps | {t['steps']} ({t['volumes_rendered']} phantoms rendered) |",
         f"| wall time | {t['wall_time_s']} s |",
+        *([f"| started from | an earlier run's weights: {json.dumps(t['started_from'])} |"] if "started_from" in t else []),
         f"| device | {t['device']} |",
         f"| machine | {t['machine']} |",
         f"| final validation (teacher-forced) | {json.dumps(t['final_validation'])} |",
@@ -418,7 +431,8 @@ def model_card(info: dict, evaluation: str | None = None) -> str:
         "Training: the finding maps alone first; then no pruning, then soft (visual values x p), then hard",
         "dropping with Photon's surrogate gradient; retention band [0.3, 0.8], robustness (corrupted volumes -> maximal answer entropy) and flip regularizers;",
         "a finding head on the stem and encoder learns each topic's finding map voxel by voxel from the phantoms'",
-        "finding maps, and each token's highest probability for the prompt's topic guides the decoder's attention.",
+        "finding maps, and each token's highest probability for the prompt's topic guides the decoder's attention;",
+        "the maps' strongest regions go before each topic's prompt as candidate boxes (`engines.candidates`).",
     ]
     if evaluation:
         lines += ["", "## Evaluation", "", evaluation]
@@ -426,12 +440,13 @@ def model_card(info: dict, evaluation: str | None = None) -> str:
 
 
 @torch.no_grad()
-def evaluate_loss(model: ReadoutVLM, examples: list[Example], device: torch.device, phase: str) -> dict:
+def evaluate_loss(model: ReadoutVLM, tokenizer: Tokenizer, examples: list[Example], device: torch.device,
+                  phase: str) -> dict:
     """Finding-map loss and (past the detect phase) teacher-forced loss, token accuracy and kept
     ratio on fixed held-out phantoms."""
     model.eval()
     batch = collate(examples, device)
-    losses = _losses(model, batch, phase if phase != "soft" else "hard", flip=False)
+    losses = _losses(model, tokenizer, batch, phase if phase != "soft" else "hard", flip=False)
     model.train()
     return {k: round(float(v), 4) for k, v in losses.items() if k in ("finding_map", "ce", "accuracy", "kept")}
 

@@ -86,7 +86,7 @@ def test_surrogate_gradient_reaches_the_threshold_in_a_training_step(model, toke
     batch = next(b for b in (training.collate(examples, torch.device("cpu"), 0.5, random.Random(s)) for s in range(50))
                  if b.corrupted.any() and not b.corrupted.all())
     model.train()
-    losses = training._losses(model, batch, "hard", flip=True)
+    losses = training._losses(model, tokenizer, batch, "hard", flip=True)
     assert {"ce", "band", "flip", "robust", "finding_map"} <= set(losses)
     sum(v for k, v in losses.items() if k not in ("accuracy", "kept")).backward()
     for param in model.scheduler.threshold.parameters():
@@ -103,7 +103,7 @@ def test_surrogate_gradient_reaches_the_threshold_in_a_training_step(model, toke
 def test_detect_phase_trains_only_the_encoder_and_its_finding_maps(model, tokenizer):
     batch = training.collate([training.make_example(10_000_000, tokenizer)], torch.device("cpu"))
     model.train()
-    losses = training._losses(model, batch, "detect", flip=False)
+    losses = training._losses(model, tokenizer, batch, "detect", flip=False)
     assert set(losses) == {"finding_map"}
     losses["finding_map"].backward()
     assert model.stem[0].weight.grad.abs().sum() > 0 and model.finding_head.weight.grad.abs().sum() > 0
@@ -167,3 +167,36 @@ def test_decoding_grammar_gives_wellformed_boxes(model, tokenizer):
                 assert bins[3] >= bins[0] and bins[4] >= bins[1] and bins[5] >= bins[2]
         coordinates = [t for t in ids if tokenizer.is_bin(t)]
         assert len(coordinates) == int(out.is_coordinate[row].sum())
+
+
+def test_kept_ratio_is_the_hard_share_with_the_gradient_of_mean_p():
+    from engines.scheduler import kept_ratio, retention_band_loss
+
+    p = torch.tensor([[0.51, 0.52, 0.6, 0.9], [0.1, 0.2, 0.55, 0.3]], requires_grad=True)
+    ratio = kept_ratio(p, (p > 0.5).sum(-1))
+    assert ratio.tolist() == pytest.approx([1.0, 0.25])
+    # Mean p of the first row is 0.63, inside the band; the hard share of 1.0 is not.
+    loss = retention_band_loss(ratio)
+    assert loss.item() == pytest.approx((0.2 + 0.05) / 2)
+    loss.backward()
+    assert torch.allclose(p.grad, torch.tensor([[0.125] * 4, [-0.125] * 4]))
+
+
+@pytest.mark.slow
+def test_training_can_start_from_saved_weights(tmp_path, monkeypatch):
+    from engines.checkpoint import load_checkpoint
+
+    monkeypatch.setattr(training, "VALIDATION_SEEDS", range(8000, 8001))
+    monkeypatch.setattr(training, "VOLUMES_PER_STEP", 2)
+    quiet = dict(steps=1, workers=1, log=lambda _: None)
+    earlier = training.train(tmp_path / "first", model_size=TINY, **quiet)
+    first, _ = load_checkpoint(tmp_path / "first" / "demo")
+    info = training.train(tmp_path / "second", init=tmp_path / "first" / "demo", **quiet)
+    second, _ = load_checkpoint(tmp_path / "second" / "demo")
+    assert second.config == first.config
+    assert info["training"]["started_from"]["steps"] == earlier["training"]["steps"]
+    assert "| started from |" in (tmp_path / "second" / "MODEL_CARD.md").read_text()
+    # It trained on from the first run's weights, not from fresh ones.
+    fresh = ReadoutVLM(first.config)
+    drift = lambda a, b: (a.token_embed.weight - b.token_embed.weight).abs().mean()  # noqa: E731
+    assert drift(second, first) < drift(second, fresh) / 5
