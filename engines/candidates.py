@@ -5,7 +5,8 @@ strongest `LIMIT` of them, in the order the answers list findings, go before the
 as ``<box> k0 r0 c0 k1 r1 c1`` tokens. The decoder then reads a finding's place off the prompt
 and copies its box instead of regressing six coordinates from 512 visual tokens, and it still
 decides from the image which candidates are findings (most are not: the heart always lights
-up, and a vessel can look like a nodule).
+up, and a vessel can look like a nodule). At inference each decoded box is snapped to the region
+it overlaps most (`snap_box`).
 """
 
 from __future__ import annotations
@@ -38,28 +39,39 @@ def candidate_boxes(probability: np.ndarray, limit: int = LIMIT, threshold: floa
     return sorted(boxes)
 
 
-def with_candidates(prompt: torch.Tensor, finding_logits: torch.Tensor, rows: torch.Tensor, topic: torch.Tensor,
-                    tokenizer: Tokenizer) -> torch.Tensor:
-    """Put each prompt's candidate boxes before it: [B, 7 * LIMIT + P], 0 (padding) where fewer.
+def map_candidates(finding_logits: torch.Tensor, rows: torch.Tensor, topic: torch.Tensor) -> list[list[tuple[int, ...]]]:
+    """Per prompt, the candidate boxes of its topic's finding map (none for topic -1).
 
-    Parameters
-    ----------
-    prompt:
-        [B, P] left-padded prompt ids.
-    finding_logits:
-        [V, topics, D, H, W] the encoded volumes' finding maps.
-    rows, topic:
-        [B] the volume each prompt reads and its report topic (-1: no topic, no candidates).
+    ``finding_logits`` [V, topics, D, H, W] are the encoded volumes' maps; ``rows`` and ``topic``
+    [B] give the volume each prompt reads and its report topic.
     """
+    pairs = list(zip(rows.tolist(), topic.tolist()))
+    probability = torch.sigmoid(finding_logits.detach().float()).cpu().numpy()
+    boxes = {pair: candidate_boxes(probability[pair]) for pair in set(pairs) if pair[1] >= 0}
+    return [boxes.get(pair, []) for pair in pairs]
+
+
+def with_candidates(prompt: torch.Tensor, boxes: list[list[tuple[int, ...]]], tokenizer: Tokenizer) -> torch.Tensor:
+    """Put each prompt's candidate boxes (`map_candidates`) before it: [B, 7 * LIMIT + P], 0 (padding) where fewer."""
     width = 7 * LIMIT
     ids = np.zeros((prompt.shape[0], width), dtype=np.int64)
-    wanted = {(int(r), int(t)) for r, t in zip(rows.tolist(), topic.tolist()) if t >= 0}
-    probability = torch.sigmoid(finding_logits.detach().float()).cpu().numpy()
-    tokens = {}
-    for row, t in wanted:
-        boxes = candidate_boxes(probability[row, t])
-        tokens[row, t] = [token for box in boxes for token in tokenizer.encode_box(box)]
-    for i, (row, t) in enumerate(zip(rows.tolist(), topic.tolist())):
-        found = tokens.get((row, t), [])
-        ids[i, width - len(found):] = found
+    for i, found in enumerate(boxes):
+        tokens = [token for box in found for token in tokenizer.encode_box(box)]
+        ids[i, width - len(tokens):] = tokens
     return torch.cat([torch.from_numpy(ids).to(prompt.device), prompt], dim=1)
+
+
+def snap_box(box: tuple[int, ...], candidates: list[tuple[int, ...]]) -> tuple[int, ...]:
+    """The candidate region a decoded box points at, or the box itself where it points at none.
+
+    A box points at a region when its centre lies inside the region grown by half the region's
+    size on every side; of several, the nearest relative to size wins. The decoder says what a
+    finding is and roughly where (a few bins off); the finding map's region says where it ends.
+    Rollouts that mean the same region then give the same box, which consensus rewards.
+    """
+    def distance(region: tuple[int, ...]) -> float:
+        return max(abs(box[a] + box[a + 3] - region[a] - region[a + 3]) / 2 / (region[a + 3] - region[a])
+                   for a in range(3))
+
+    nearest = min(candidates, key=distance, default=None)
+    return nearest if nearest is not None and distance(nearest) <= 1.0 else box

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
+from engines.candidates import map_candidates, snap_box, with_candidates
 from engines.decoding import Generation, generate
 from engines.errors import EngineError
 from engines.grounding import Candidate, ConsensusFinding, consensus, iou3d, majority_answer, vote_box
@@ -117,13 +118,17 @@ class DemoEngine:
 
     def _run(self, visual: Encoded, rows: torch.Tensor, inputs: Sequence[ModelInput], regions: Sequence[str],
              prompts: list[list[int]], rollouts: int, temperature: float, pruning: bool,
-             seed: int) -> tuple[Generation, torch.Tensor, dict[str, float]]:
+             seed: int) -> tuple[Generation, list[list[tuple[int, ...]]], torch.Tensor, dict[str, float]]:
         """Prefill every prompt once (prompt i reads volume ``rows[i]`` of ``inputs`` and looks at
-        region ``regions[i]``), repeat each prefix for its rollouts, decode them all together."""
+        region ``regions[i]``), repeat each prefix for its rollouts, decode them all together.
+
+        Returns the generation, each prompt's candidate boxes, the kept shares and timings.
+        """
         t0 = time.perf_counter()
         share = np.stack([inputs[int(v)].regions[name].reshape(-1) for v, name in zip(rows, regions)])
         topic = torch.tensor([region_topic(name) for name in regions], device=self.device)
-        prompt = with_candidates(self._prompts(prompts), visual.finding_logits, rows, topic, self.tokenizer)
+        boxes = map_candidates(visual.finding_logits, rows, topic)
+        prompt = with_candidates(self._prompts(prompts), boxes, self.tokenizer)
         prefix = self.model.prefill(visual, torch.from_numpy(share).float().to(self.device), prompt,
                                     "hard" if pruning else "off", capacity=MAX_ANSWER_TOKENS, physical=True,
                                     rows=rows, topic=topic)
@@ -132,7 +137,7 @@ class DemoEngine:
         prefix.select(torch.arange(len(prompts), device=self.device).repeat_interleave(rollouts))
         generator = torch.Generator(device=self.device).manual_seed(seed)
         out = generate(self.model, prefix, self.tokenizer, temperature=temperature, generator=generator)
-        return out, kept, {"schedule_s": t1 - t0, "decode_s": time.perf_counter() - t1}
+        return out, boxes, kept, {"schedule_s": t1 - t0, "decode_s": time.perf_counter() - t1}
 
     @torch.no_grad()
     def sample(self, volume_hu: np.ndarray, spacing_mm: tuple[float, float, float], request: ReadRequest) -> Sampled:
@@ -146,7 +151,7 @@ class DemoEngine:
         prompts += [self.tokenizer.question_prompt(q) for q in request.questions]
         regions = [topic_region(t) for t in request.topics] + [question_region(q) for q in request.questions]
         rows = torch.zeros(len(prompts), dtype=torch.long, device=self.device)
-        out, kept, timings = self._run(visual, rows, [inp], regions, prompts, request.rollouts, request.temperature,
+        out, found, kept, timings = self._run(visual, rows, [inp], regions, prompts, request.rollouts, request.temperature,
                                        request.pruning, request.seed)
         n = request.rollouts
         candidates: dict[str, list[Candidate]] = {t: [] for t in request.topics}
@@ -166,7 +171,7 @@ class DemoEngine:
                     continue
                 entropy = float(np.mean(entropies[6 * boxes : 6 * boxes + 6])) if len(entropies) >= 6 * (boxes + 1) else 0.0
                 boxes += 1
-                candidates[name].append(Candidate(rollout, finding_type(text), text, tuple(box), entropy))
+                candidates[name].append(Candidate(rollout, finding_type(text), text, snap_box(box, found[row // n]), entropy))
         return Sampled(inp, volume_hu.shape, candidates, normal_texts, answers,
                        {name: float(kept[i]) for i, name in enumerate(names)},
                        {"encode_s": encode_s, **timings})
@@ -188,7 +193,7 @@ class DemoEngine:
         visual = self._encode(inputs)
         prompts = [self.tokenizer.topic_prompt(topic) for topic, _, _ in targets]
         regions = [topic_region(topic) for topic, _, _ in targets]
-        out, _, _ = self._run(visual, torch.arange(len(targets), device=self.device), inputs, regions, prompts, 1, 0.0,
+        out, found, _, _ = self._run(visual, torch.arange(len(targets), device=self.device), inputs, regions, prompts, 1, 0.0,
                               True, 0)
         refined: list[tuple[int, ...] | None] = []
         for row, ((_, kind, box), extent) in enumerate(zip(targets, crops)):
@@ -196,7 +201,7 @@ class DemoEngine:
             for text, bins in self.tokenizer.decode_answer(out.tokens[row].tolist()):
                 if bins is None or finding_type(text) != kind:
                     continue
-                voxel = bins_to_box(bins, extent, shape)
+                voxel = bins_to_box(snap_box(bins, found[row]), extent, shape)
                 overlap = iou3d(voxel, box)
                 if overlap > best_iou:
                     best, best_iou = voxel, overlap

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from engines.candidates import with_candidates
+from engines.candidates import map_candidates, with_candidates
 from engines.checkpoint import load_checkpoint, save_checkpoint
 from engines.model import ModelConfig, ReadoutVLM
 from engines.phantom import NORMAL_SENTENCES, TOPICS, render_phantom
@@ -288,7 +288,8 @@ def _losses(model: ReadoutVLM, tokenizer: Tokenizer, batch: Batch, phase: str, f
     if phase == "detect":
         return losses
     # The candidates come from the model's own maps, as at inference: the decoder learns which to trust.
-    prompt = with_candidates(batch.prompt, encoded.finding_logits, batch.sequence_volume, batch.topic, tokenizer)
+    boxes = map_candidates(encoded.finding_logits, batch.sequence_volume, batch.topic)
+    prompt = with_candidates(batch.prompt, boxes, tokenizer)
     logits, prefix = model(encoded, batch.region, prompt, batch.answer, phase, rows=batch.sequence_volume,
                            topic=batch.topic)
     valid = batch.answer != 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from engines.candidates import LIMIT, candidate_boxes, with_candidates
+from engines.candidates import LIMIT, candidate_boxes, map_candidates, snap_box, with_candidates
 from engines.preprocess import BINS, FINDING_GRID
 from engines.tokenizer import Tokenizer
 
@@ -45,10 +45,20 @@ def test_candidates_go_before_each_prompt_of_a_topic_and_none_for_a_question():
     prompts = [tokenizer.topic_prompt("liver"), tokenizer.topic_prompt("lungs"), tokenizer.question_prompt("Is there a pleural effusion?")]
     longest = max(map(len, prompts))
     prompt = torch.tensor([[0] * (longest - len(p)) + p for p in prompts])
-    out = with_candidates(prompt, logits, rows=torch.tensor([1, 1, 1]), topic=torch.tensor([3, 0, -1]), tokenizer=tokenizer)
+    boxes = map_candidates(logits, rows=torch.tensor([1, 1, 1]), topic=torch.tensor([3, 0, -1]))
+    assert boxes == [candidate_boxes(probability), [], []]
+    out = with_candidates(prompt, boxes, tokenizer)
     width = 7 * LIMIT
     assert out.shape == (3, width + longest)
     assert torch.equal(out[:, width:], prompt)
-    expected = tokenizer.encode_box(candidate_boxes(probability)[0])
-    assert out[0, :width].tolist() == [0] * (width - 7) + expected
+    assert out[0, :width].tolist() == [0] * (width - 7) + tokenizer.encode_box(boxes[0][0])
     assert not out[1, :width].any() and not out[2, :width].any()
+
+
+def test_a_decoded_box_snaps_to_the_region_it_points_at():
+    regions = [(10, 10, 10, 20, 20, 20), (30, 30, 30, 34, 34, 34)]
+    # Centre (12, 13, 22) is inside the first region grown by half its size (5 bins each side).
+    assert snap_box((11, 12, 21, 13, 14, 23), regions) == regions[0]
+    assert snap_box((31, 33, 31, 34, 35, 33), regions) == regions[1]
+    beside = (26, 26, 26, 27, 27, 27)  # centre 5.5 bins from the small region's (size 4), 11.5 from the large one's (10)
+    assert snap_box(beside, regions) == beside and snap_box(beside, []) == beside
