@@ -25,7 +25,8 @@ BinBox = tuple[int, int, int, int, int, int]
 class Candidate:
     """One finding as one rollout stated it.
 
-    ``entropy`` is the mean entropy (nats) of the six coordinate-token distributions of ``box``.
+    ``entropy`` is the mean entropy (nats) of the six coordinate-token distributions of the box
+    as decoded; ``from_map`` says the box was then snapped to a finding-map region.
     """
 
     rollout: int
@@ -33,6 +34,7 @@ class Candidate:
     text: str
     box: BinBox
     entropy: float
+    from_map: bool = False
 
 
 @dataclass(frozen=True)

@@ -171,7 +171,8 @@ class DemoEngine:
                     continue
                 entropy = float(np.mean(entropies[6 * boxes : 6 * boxes + 6])) if len(entropies) >= 6 * (boxes + 1) else 0.0
                 boxes += 1
-                candidates[name].append(Candidate(rollout, finding_type(text), text, snap_box(box, found[row // n]), entropy))
+                snapped = snap_box(box, found[row // n])
+                candidates[name].append(Candidate(rollout, finding_type(text), text, snapped, entropy, snapped != box))
         return Sampled(inp, volume_hu.shape, candidates, normal_texts, answers,
                        {name: float(kept[i]) for i, name in enumerate(names)},
                        {"encode_s": encode_s, **timings})
@@ -193,7 +194,7 @@ class DemoEngine:
         visual = self._encode(inputs)
         prompts = [self.tokenizer.topic_prompt(topic) for topic, _, _ in targets]
         regions = [topic_region(topic) for topic, _, _ in targets]
-        out, found, _, _ = self._run(visual, torch.arange(len(targets), device=self.device), inputs, regions, prompts, 1, 0.0,
+        out, _, _, _ = self._run(visual, torch.arange(len(targets), device=self.device), inputs, regions, prompts, 1, 0.0,
                               True, 0)
         refined: list[tuple[int, ...] | None] = []
         for row, ((_, kind, box), extent) in enumerate(zip(targets, crops)):
@@ -201,7 +202,7 @@ class DemoEngine:
             for text, bins in self.tokenizer.decode_answer(out.tokens[row].tolist()):
                 if bins is None or finding_type(text) != kind:
                     continue
-                voxel = bins_to_box(snap_box(bins, found[row]), extent, shape)
+                voxel = bins_to_box(bins, extent, shape)
                 overlap = iou3d(voxel, box)
                 if overlap > best_iou:
                     best, best_iou = voxel, overlap
@@ -218,8 +219,10 @@ class DemoEngine:
             used = [c for c in sampled.candidates[topic] if c.rollout < n]
             agreed += [(topic, f) for f in consensus(used, n, BINS)]
         voxel = [bins_to_box(f.box, extent, shape) for _, f in agreed]
+        # A box the finding map grounded already has its extent; a zoomed re-look would only blur it.
+        from_map = [all(m.from_map for m in f.members) for _, f in agreed]
         relook = [i for i, (_, f) in enumerate(agreed)
-                  if request.reground and f.type in FOCAL_TYPES and f.entropy > request.entropy_threshold]
+                  if request.reground and f.type in FOCAL_TYPES and f.entropy > request.entropy_threshold and not from_map[i]]
         t0 = time.perf_counter()
         refined = self.reground(volume_hu, spacing_mm, [(agreed[i][0], agreed[i][1].type, voxel[i]) for i in relook])
         sampled.timings["reground_s"] = time.perf_counter() - t0
@@ -235,7 +238,7 @@ class DemoEngine:
                 Finding(type=f.type, text=f.text, size_mm=_size_mm(f.text), location=_location(f.text),
                         confidence=round(f.confidence, 4), box=Box(final[i]),
                         extra={"agreement": round(f.agreement, 4), "mean_iou": round(f.mean_iou, 4),
-                               "entropy": round(f.entropy, 4), "regrounded": regrounded[i],
+                               "entropy": round(f.entropy, 4), "box_from_map": from_map[i], "regrounded": regrounded[i],
                                "box_before_regrounding": list(voxel[i])})
                 for i, (t, f) in enumerate(agreed) if t == topic
             ]

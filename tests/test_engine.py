@@ -11,6 +11,7 @@ from dicom_sr.conformance import dciodvfy_errors, dsrdump_errors
 from engines.checkpoint import CheckpointError, load_checkpoint
 from engines.phantom import render_phantom
 from engines.registry import EngineError, create_engine
+from engines.report import ReadRequest
 from engines.results import StudyResult
 from orthanc_plugin.cli import main
 from tests.data.record_demo_reference import greedy_read
@@ -51,6 +52,19 @@ def test_regrounding_returns_boxes_inside_the_volume():
         k0, r0, c0, k1, r1, c1 = refined
         assert 0 <= k0 < k1 <= phantom.hu.shape[0] and 0 <= r0 < r1 <= phantom.hu.shape[1]
         assert 0 <= c0 < c1 <= phantom.hu.shape[2]
+
+
+def test_boxes_the_finding_map_grounded_are_not_relooked():
+    engine = create_engine("demo")
+    phantom = render_phantom(9005)
+    spacing = (phantom.slice_spacing_mm, phantom.pixel_spacing_mm, phantom.pixel_spacing_mm)
+    request = ReadRequest(questions=(), entropy_threshold=0.0)  # every focal finding is a re-look candidate
+    topics, _ = engine.assemble(engine.sample(phantom.hu, spacing, request), phantom.hu, spacing, request)
+    findings = [f for t in topics for f in t.findings]
+    assert any(f.extra["box_from_map"] for f in findings)
+    for f in findings:
+        if f.extra["box_from_map"]:
+            assert not f.extra["regrounded"] and list(f.box.voxel) == f.extra["box_before_regrounding"]
 
 
 @pytest.mark.slow
