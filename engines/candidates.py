@@ -2,11 +2,11 @@
 
 Each region of a topic's finding map above `THRESHOLD` becomes a box of coordinate bins; the
 strongest `LIMIT` of them, in the order the answers list findings, go before the topic's prompt
-as ``<box> k0 r0 c0 k1 r1 c1`` tokens. The decoder then reads a finding's place off the prompt
-and copies its box instead of regressing six coordinates from 512 visual tokens, and it still
-decides from the image which candidates are findings (most are not: the heart always lights
-up, and a vessel can look like a nodule). At inference each decoded box is snapped to the region
-it overlaps most (`snap_box`).
+as ``<box> k0 r0 c0 k1 r1 c1`` tokens. The decoder can then read a finding's place off the
+prompt rather than work out six coordinates from 512 visual tokens; it still decides from the
+image which candidates are findings (most are not: the heart always lights up, and a vessel can
+look like a nodule). At inference each decoded box is snapped to the region it points at
+(`snap_box`).
 """
 
 from __future__ import annotations
