@@ -20,6 +20,9 @@ from engines.tokenizer import Tokenizer
 
 LIMIT = 3  # phantoms have at most three findings per topic
 THRESHOLD = 0.5
+# How far (in region sizes, centre to centre, per axis) a decoded box may point. On phantoms
+# 8100-8159 consensus F1 was 0.08 at 1, 0.19 at 2 and 0.20 at 3.
+REACH = 2.0
 
 
 def candidate_boxes(probability: np.ndarray, limit: int = LIMIT, threshold: float = THRESHOLD) -> list[tuple[int, ...]]:
@@ -64,8 +67,8 @@ def with_candidates(prompt: torch.Tensor, boxes: list[list[tuple[int, ...]]], to
 def snap_box(box: tuple[int, ...], candidates: list[tuple[int, ...]]) -> tuple[int, ...]:
     """The candidate region a decoded box points at, or the box itself where it points at none.
 
-    A box points at a region when its centre lies inside the region grown by half the region's
-    size on every side; of several, the nearest relative to size wins. The decoder says what a
+    A box points at a region when its centre is at most `REACH` region sizes from the region's
+    centre along every axis; of several, the nearest relative to size wins. The decoder says what a
     finding is and roughly where (a few bins off); the finding map's region says where it ends.
     Rollouts that mean the same region then give the same box, which consensus rewards.
     """
@@ -74,4 +77,4 @@ def snap_box(box: tuple[int, ...], candidates: list[tuple[int, ...]]) -> tuple[i
                    for a in range(3))
 
     nearest = min(candidates, key=distance, default=None)
-    return nearest if nearest is not None and distance(nearest) <= 1.0 else box
+    return nearest if nearest is not None and distance(nearest) <= REACH else box

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from engines.candidates import LIMIT, candidate_boxes, map_candidates, snap_box, with_candidates
+from engines.candidates import LIMIT, REACH, candidate_boxes, map_candidates, snap_box, with_candidates
 from engines.preprocess import BINS, FINDING_GRID
 from engines.tokenizer import Tokenizer
 
@@ -57,8 +57,10 @@ def test_candidates_go_before_each_prompt_of_a_topic_and_none_for_a_question():
 
 def test_a_decoded_box_snaps_to_the_region_it_points_at():
     regions = [(10, 10, 10, 20, 20, 20), (30, 30, 30, 34, 34, 34)]
-    # Centre (12, 13, 22) is inside the first region grown by half its size (5 bins each side).
+    assert REACH == 2.0  # the cases below sit on either side of it
+    # Centre (12, 13, 22): 0.3, 0.2 and 0.7 of the first region's size from its centre.
     assert snap_box((11, 12, 21, 13, 14, 23), regions) == regions[0]
-    assert snap_box((31, 33, 31, 34, 35, 33), regions) == regions[1]
-    beside = (26, 26, 26, 27, 27, 27)  # centre 5.5 bins from the small region's (size 4), 11.5 from the large one's (10)
-    assert snap_box(beside, regions) == beside and snap_box(beside, []) == beside
+    # Centre 39 on every axis: 1.75 sizes from the small region's centre, 2.4 from the large one's.
+    assert snap_box((38, 38, 38, 40, 40, 40), regions) == regions[1]
+    far = (45, 45, 45, 46, 46, 46)  # 3.4 and 3.05 sizes away
+    assert snap_box(far, regions) == far and snap_box(far, []) == far
