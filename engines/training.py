@@ -30,7 +30,7 @@ from engines.candidates import map_candidates, with_candidates
 from engines.checkpoint import load_checkpoint, save_checkpoint
 from engines.model import ModelConfig, ReadoutVLM
 from engines.phantom import NORMAL_SENTENCES, TOPICS, render_phantom
-from engines.preprocess import BINS, FINDING_GRID, box_to_bins, crop_extent, prepare, resample_to_grid
+from engines.preprocess import BINS, FINDING_GRID, box_to_bins, crop_extent, prepare
 from engines.prompts import FOCAL_TYPES, question_region, region_topic, topic_region
 from engines.results import StudyResult
 from engines.scheduler import kept_ratio, retention_band_loss
@@ -57,6 +57,11 @@ ROBUST_WEIGHT, FLIP_WEIGHT, SPARSITY_WEIGHT = 0.05, 0.1, 0.05
 # The model's finding head learns, per cell of its finding grid and topic, whether a finding of
 # that topic lies there (from the phantom's finding map); its probabilities guide the decoder.
 FINDING_MAP_WEIGHT = 1.0
+POSITIVE_WEIGHT_CAP = 200.0
+CELL_FILL = 0.25  # share of a finding-grid cell a finding must fill to mark it
+# Soft Dice per volume and topic beside the voxel-wise loss: a small lesion's few cells weigh as
+# much as an effusion's hundreds, so small findings are learnt too.
+DICE_WEIGHT = 1.0
 # Coordinate tokens are few among the report's words but carry the grounding: weigh them up.
 COORDINATE_WEIGHT = 3.0
 
@@ -82,14 +87,29 @@ class Example:
 
 
 def finding_maps(phantom, extent) -> np.ndarray:
-    """Per topic, the cells of `FINDING_GRID` over ``extent`` that hold one of the topic's findings."""
-    numbers = [t.topic for t in phantom.truth.topics for _ in t.findings]  # finding n is numbers[n - 1]
+    """Per topic, the cells of `FINDING_GRID` over ``extent`` that a finding of the topic fills.
+
+    A cell counts when the finding fills at least `CELL_FILL` of it; every finding inside the
+    extent marks at least its fullest cell, so a 1-cm bone lesion is as present as an effusion.
+    """
+    topic_of = [TOPICS.index(t.topic) for t in phantom.truth.topics for _ in t.findings]  # finding n: topic_of[n - 1]
     out = np.zeros((len(TOPICS), *FINDING_GRID), dtype=np.uint8)
-    for index, topic in enumerate(TOPICS):
-        wanted = [n + 1 for n, name in enumerate(numbers) if name == topic]
-        if wanted:
-            mask = np.isin(phantom.finding_map, wanted).astype(np.float32)
-            out[index] = resample_to_grid(mask, extent, fill=0.0, grid=FINDING_GRID) > 0.5
+    k, r, c = np.nonzero(phantom.finding_map)
+    labels = phantom.finding_map[k, r, c]
+    cell, inside, cell_voxels = [], np.ones(len(k), bool), 1.0
+    for axis, index in enumerate((k, r, c)):
+        lo, hi, n = extent[axis], extent[axis + 3], FINDING_GRID[axis]
+        i = np.floor((index + 0.5 - lo) / (hi - lo) * n).astype(np.intp)
+        inside &= (i >= 0) & (i < n)
+        cell.append(i)
+        cell_voxels *= (hi - lo) / n
+    flat = np.ravel_multi_index([i[inside] for i in cell], FINDING_GRID)
+    labels = labels[inside]
+    for label in np.unique(labels):
+        counts = np.bincount(flat[labels == label], minlength=out[0].size)
+        filled = counts / cell_voxels >= CELL_FILL
+        filled[counts.argmax()] = True
+        out[topic_of[label - 1]].reshape(-1)[filled] = 1
     return out
 
 
@@ -282,9 +302,14 @@ def _losses(model: ReadoutVLM, tokenizer: Tokenizer, batch: Batch, phase: str, f
     if (~batch.volume_corrupted).any():
         logits_map = encoded.finding_logits[~batch.volume_corrupted].float()
         target = batch.finding_maps[~batch.volume_corrupted].float()
-        # Findings cover few cells: weight positives so they are not ignored.
-        pos_weight = ((1 - target).sum() / target.sum().clamp(min=1)).clamp(max=50.0)
-        losses["finding_map"] = FINDING_MAP_WEIGHT * F.binary_cross_entropy_with_logits(logits_map, target, pos_weight=pos_weight)
+        # Findings cover few cells, a bone lesion's far fewer than an effusion's: weight each
+        # topic's positives by its own rarity, so that bone lesions are not ignored either.
+        positives = target.sum((0, 2, 3, 4), keepdim=True)
+        cells = target[:, :1].numel()
+        pos_weight = ((cells - positives) / positives.clamp(min=1)).clamp(max=POSITIVE_WEIGHT_CAP)
+        weight = torch.where(target > 0, pos_weight, 1.0)
+        bce = (F.binary_cross_entropy_with_logits(logits_map, target, reduction="none") * weight).sum() / weight.sum()
+        losses["finding_map"] = FINDING_MAP_WEIGHT * bce + DICE_WEIGHT * soft_dice_loss(logits_map, target)
     if phase == "detect":
         return losses
     # The candidates come from the model's own maps, as at inference: the decoder learns which to trust.
@@ -321,16 +346,29 @@ def _losses(model: ReadoutVLM, tokenizer: Tokenizer, batch: Batch, phase: str, f
     return losses
 
 
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """1 - soft Dice, averaged over the (volume, topic) maps that hold a finding; 0 if none does."""
+    p = torch.sigmoid(logits).flatten(2)
+    t = target.flatten(2)
+    present = t.sum(-1) > 0
+    if not present.any():
+        return logits.sum() * 0
+    dice = 2 * (p * t).sum(-1) / (p.sum(-1) + t.sum(-1)).clamp(min=1e-6)
+    return 1 - dice[present].mean()
+
+
 def validation_examples(tokenizer: Tokenizer) -> list[Example]:
     return [make_example(seed, tokenizer) for seed in VALIDATION_SEEDS]
 
 
 def train(out: Path, steps: int, device: str = "cpu", time_limit_s: float | None = None, workers: int | None = None,
-          log: Callable[[str], None] = print, model_size: dict | None = None, init: Path | None = None) -> dict:
+          log: Callable[[str], None] = print, model_size: dict | None = None, init: Path | None = None,
+          detect_share: float | None = None) -> dict:
     """Train a model; writes ``out/demo.safetensors``, ``out/demo.json`` and ``out/train_log.jsonl``.
 
     ``model_size`` overrides ModelConfig fields (e.g. a tiny model for tests). ``init`` starts from
-    a saved checkpoint instead of fresh weights (its finding maps are trained, so no detect phase).
+    a saved checkpoint instead of fresh weights. ``detect_share`` is the share of the run that
+    trains the finding maps alone: `DETECT_UNTIL` for fresh weights, none after ``init`` by default.
     """
     torch.manual_seed(0)
     rng = random.Random(0)
@@ -340,7 +378,7 @@ def train(out: Path, steps: int, device: str = "cpu", time_limit_s: float | None
         model = ReadoutVLM(ModelConfig(vocab_size=len(tokenizer), topics=len(TOPICS), **(model_size or {}))).to(dev)
     else:
         model, init_meta = load_checkpoint(init, device)
-    detect_until = DETECT_UNTIL if init is None else 0.0
+    detect_until = detect_share if detect_share is not None else DETECT_UNTIL if init is None else 0.0
     threshold = [p for n, p in model.named_parameters() if n.startswith("scheduler.")]
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and not n.startswith("scheduler.")]
     other = [p for n, p in model.named_parameters() if p.dim() < 2 and not n.startswith("scheduler.")]
@@ -432,8 +470,10 @@ def model_card(info: dict, evaluation: str | None = None) -> str:
         "",
         "Training: the finding maps alone first; then no pruning, then soft (visual values x p), then hard",
         "dropping with Photon's surrogate gradient; retention band [0.3, 0.8], robustness (corrupted volumes -> maximal answer entropy) and flip regularizers;",
-        "a finding head on the stem and encoder learns each topic's finding map voxel by voxel from the phantoms'",
-        "finding maps, and each token's highest probability for the prompt's topic guides the decoder's attention;",
+        "a finding head on the stem and encoder learns each topic's",
+        "finding map cell by cell from the phantoms' finding maps (positives weighted by their topic's rarity, plus",
+        "soft Dice per map, so small bone lesions count), and each token's highest probability for the prompt's",
+        "topic guides the decoder's attention;",
         "the maps' strongest regions go before each topic's prompt as candidate boxes (`engines.candidates`).",
     ]
     if evaluation:

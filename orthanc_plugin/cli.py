@@ -181,7 +181,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from engines.training import train
 
     info = train(Path(args.out), steps=args.steps, device=args.device,
-                 time_limit_s=args.minutes * 60 if args.minutes else None, init=Path(args.init) if args.init else None)
+                 time_limit_s=args.minutes * 60 if args.minutes else None, init=Path(args.init) if args.init else None,
+                 detect_share=args.detect_share)
     print(json.dumps(info["training"], indent=2))
     return EXIT_OK
 
@@ -266,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument("--minutes", type=float, help="stop after this long (progress follows time)")
     training.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     training.add_argument("--init", metavar="WEIGHTS", help="start from these weights (path without suffix) instead of fresh ones")
+    training.add_argument("--detect-share", type=float, metavar="SHARE",
+                          help="share of the run that trains the finding maps alone (default 0.2, none with --init)")
     training.set_defaults(run=cmd_train)
 
     serve = commands.add_parser("serve", help="start Orthanc with Readout and DICOMweb in the foreground")

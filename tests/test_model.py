@@ -131,6 +131,32 @@ def test_finding_maps_mark_each_topics_findings_where_they_lie(tokenizer):
         assert cells[:, axis].max() <= int(box[axis + 3] * scale) + 1
 
 
+def test_every_finding_marks_its_topics_map_even_a_small_bone_lesion():
+    from engines.phantom import TOPICS, render_phantom
+    from engines.preprocess import prepare
+
+    phantom = render_phantom(11, findings={"lungs": ["nodule"], "pleura": [], "heart": [], "liver": [],
+                                           "bones": ["lytic lesion"]})
+    spacing = (phantom.slice_spacing_mm, phantom.pixel_spacing_mm, phantom.pixel_spacing_mm)
+    maps = training.finding_maps(phantom, prepare(phantom.hu, spacing).extent)
+    bones = maps[TOPICS.index("bones")]
+    assert bones.sum() >= 1
+    # Its cells cover the lesion's centre (the finding grid halves the 32x128x128 grid in-plane).
+    box = phantom.truth.topics[TOPICS.index("bones")].findings[0].box.voxel
+    cells = np.argwhere(bones)
+    centre = [(box[a] + box[a + 3]) / 2 / phantom.hu.shape[a] * bones.shape[a] for a in range(3)]
+    assert all(cells[:, a].min() - 1 <= centre[a] <= cells[:, a].max() + 2 for a in range(3))
+
+
+def test_soft_dice_counts_only_maps_that_hold_a_finding():
+    target = torch.zeros(2, 3, 4, 4, 4)
+    target[0, 1, 1:3, 1:3, 1:3] = 1
+    perfect = target * 40 - 20
+    assert training.soft_dice_loss(perfect, target).item() < 1e-3
+    assert training.soft_dice_loss(-perfect, target).item() > 0.99
+    assert training.soft_dice_loss(perfect, torch.zeros_like(target)).item() == 0
+
+
 def test_topics_are_generated_independently(model, tokenizer):
     """Changing one topic's prompt in the batch leaves another topic's outputs unchanged."""
     image, spacing, _, _ = _inputs(tokenizer, n_volumes=1)
