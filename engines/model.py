@@ -5,7 +5,8 @@ HU and the holes that lesions leave in three of them as channels, cut into 3D
 patches by a convolutional stem of overlapping strided convolutions (so a token can say where
 inside it a small lesion sits), with per-axis position embeddings, plus one geometry token (grid
 spacing in mm), through a small bidirectional transformer. A finding head reads the stem's
-stages and the encoded tokens into one dense map per report topic at half the grid's in-plane
+stages, a few convolutions over its second stage with the encoded tokens as context, and the
+encoded tokens into one dense map per report topic at half the grid's in-plane
 resolution; it is trained on the phantoms' finding maps, voxel by voxel, which teaches the stem
 to see lesions far sooner than token-level labels do.
 
@@ -36,6 +37,9 @@ from torch import nn
 from engines.scheduler import SurrogateGate, TokenScheduler
 
 Pruning = Literal["off", "soft", "hard", "flip"]
+
+
+REFINE_WIDTH, REFINE_CONTEXT = 32, 16  # channels of the finding maps' deeper read-out
 
 
 @dataclass(frozen=True)
@@ -183,6 +187,16 @@ class ReadoutVLM(nn.Module):
         # One 1x1 read-out per stage, summed at the finding grid: fine stages place, coarse ones decide.
         self.finding_heads = nn.ModuleList(nn.Conv3d(w, c.topics, kernel_size=1) for w in widths[1:4])
         self.finding_head = nn.Linear(c.dim, c.topics)
+        # A deeper read-out at the second stage's grid, with the encoded tokens as context: the
+        # stem's stages see too little around a cell to tell a bone lesion from cortex. Its last
+        # layer starts at zero, so it starts as a no-op on trained weights.
+        self.finding_context = nn.Linear(c.dim, REFINE_CONTEXT)
+        self.finding_refine = nn.Sequential(
+            nn.Conv3d(widths[2] + REFINE_CONTEXT, REFINE_WIDTH, 3, padding=1), nn.GELU(),
+            nn.Conv3d(REFINE_WIDTH, REFINE_WIDTH, 3, padding=1), nn.GELU(),
+            nn.Conv3d(REFINE_WIDTH, c.topics, 1))
+        nn.init.zeros_(self.finding_refine[-1].weight)
+        nn.init.zeros_(self.finding_refine[-1].bias)
         self.axis_position = nn.ParameterList(nn.Parameter(torch.zeros(n, c.dim)) for n in c.tokens_per_axis)
         self.geometry = nn.Linear(3, c.dim)
         self.encoder = nn.ModuleList(Block(c.dim, c.heads) for _ in range(c.encoder_layers))
@@ -225,8 +239,10 @@ class ReadoutVLM(nn.Module):
             x, _ = block(x, None)
         tokens = self.encoder_norm(x)
         from_tokens = self.finding_head(tokens[:, 1:]).transpose(1, 2).reshape(-1, c.topics, d, h, w)
-        logits = sum(_upsample(head(stage), c.finding_grid)
-                     for head, stage in zip(self.finding_heads, stages)) + _upsample(from_tokens, c.finding_grid)
+        context = self.finding_context(tokens[:, 1:]).transpose(1, 2).reshape(-1, REFINE_CONTEXT, d, h, w)
+        refined = self.finding_refine(torch.cat([stages[1], _upsample(context, tuple(stages[1].shape[2:]))], dim=1))
+        logits = sum(_upsample(head(stage), c.finding_grid) for head, stage in zip(self.finding_heads, stages)) \
+            + _upsample(from_tokens, c.finding_grid) + _upsample(refined, c.finding_grid)
         return Encoded(tokens, logits)
 
     def visual_stream(self, visual: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -470,10 +470,10 @@ def model_card(info: dict, evaluation: str | None = None) -> str:
         "",
         "Training: the finding maps alone first; then no pruning, then soft (visual values x p), then hard",
         "dropping with Photon's surrogate gradient; retention band [0.3, 0.8], robustness (corrupted volumes -> maximal answer entropy) and flip regularizers;",
-        "a finding head on the stem and encoder learns each topic's",
-        "finding map cell by cell from the phantoms' finding maps (positives weighted by their topic's rarity, plus",
-        "soft Dice per map, so small bone lesions count), and each token's highest probability for the prompt's",
-        "topic guides the decoder's attention;",
+        "a finding head on the stem, a few convolutions over its second stage and the encoder learns each",
+        "topic's finding map cell by cell from the phantoms' finding maps (positives weighted by their topic's",
+        "rarity, plus soft Dice per map, so small findings weigh as much as large ones), and each token's highest",
+        "probability for the prompt's topic guides the decoder's attention;",
         "the maps' strongest regions go before each topic's prompt as candidate boxes (`engines.candidates`).",
     ]
     if evaluation:

@@ -107,6 +107,7 @@ def test_detect_phase_trains_only_the_encoder_and_its_finding_maps(model, tokeni
     assert set(losses) == {"finding_map"}
     losses["finding_map"].backward()
     assert model.stem[0].weight.grad.abs().sum() > 0 and model.finding_head.weight.grad.abs().sum() > 0
+    assert model.finding_refine[-1].weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in model.decoder.parameters())
     assert training._phase(0.0) == "detect" and training._phase(training.DETECT_UNTIL) == "off"
 
