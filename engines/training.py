@@ -90,7 +90,7 @@ def finding_maps(phantom, extent) -> np.ndarray:
     """Per topic, the cells of `FINDING_GRID` over ``extent`` that a finding of the topic fills.
 
     A cell counts when the finding fills at least `CELL_FILL` of it; every finding inside the
-    extent marks at least its fullest cell, so a 1-cm bone lesion is as present as an effusion.
+    extent marks at least its fullest cell, so none is lost however small (a 5-mm bone lesion).
     """
     topic_of = [TOPICS.index(t.topic) for t in phantom.truth.topics for _ in t.findings]  # finding n: topic_of[n - 1]
     out = np.zeros((len(TOPICS), *FINDING_GRID), dtype=np.uint8)
