@@ -31,7 +31,10 @@ def load_checkpoint(stem: Path = SHIPPED, device: str = "cpu") -> tuple[ReadoutV
         raise CheckpointError(f"model weights not found: expected {weights} and {meta_path} (train with `readout train`)")
     meta = json.loads(meta_path.read_text())
     config = meta["config"]
-    config = ModelConfig(**{**config, "grid": tuple(config["grid"]), "patch": tuple(config["patch"])})
+    try:
+        config = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()})
+    except TypeError as error:
+        raise CheckpointError(f"{meta_path} describes a model this version cannot build: {error}") from None
     model = ReadoutVLM(config)
     state = {k: v.float() for k, v in load_file(str(weights)).items()}
     state["head.weight"] = state["token_embed.weight"]

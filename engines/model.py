@@ -7,8 +7,8 @@ inside it a small lesion sits), with per-axis position embeddings, plus one geom
 spacing in mm), through a small bidirectional transformer. A finding head reads the stem's
 stages, a few convolutions over its second stage with the encoded tokens as context, and the
 encoded tokens into one dense map per report topic at half the grid's in-plane
-resolution; it is trained on the phantoms' finding maps, voxel by voxel, which teaches the stem
-to see lesions far sooner than token-level labels do.
+resolution, one per finding type; it is trained on the phantoms' finding maps, voxel by voxel,
+which teaches the stem to see lesions far sooner than token-level labels do.
 
 Language: a decoder-only transformer over [geometry token, visual tokens, prompt, answer]. Text
 is causal and sees every (kept) visual token; a visual token sees only itself. The encoder has
@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engines.prompts import MAP_TOPICS
 from engines.scheduler import SurrogateGate, TokenScheduler
 
 Pruning = Literal["off", "soft", "hard", "flip"]
@@ -51,11 +52,15 @@ class ModelConfig:
     decoder_layers: int = 8
     schedule_layer: int = 2
     max_text: int = 96
-    channels: int = 11  # engines.preprocess.CHANNELS: three HU windows, five anatomy masks, three of their holes
+    channels: int = 17  # engines.preprocess.CHANNELS: HU windows of cells, their highest and lowest; anatomy masks, holes
     grid: tuple[int, int, int] = (32, 128, 128)
     patch: tuple[int, int, int] = (4, 16, 16)
     stem_channels: int = 16
-    topics: int = 5  # finding-map channels, one per report topic (engines.phantom.TOPICS)
+    map_topics: tuple[int, ...] = MAP_TOPICS  # finding maps, one per finding type: the report topic of each
+
+    @property
+    def map_channels(self) -> int:
+        return len(self.map_topics)
 
     @property
     def tokens_per_axis(self) -> tuple[int, int, int]:
@@ -143,11 +148,14 @@ class Encoded:
     """Encoded volumes: visual tokens and the dense finding maps."""
 
     tokens: torch.Tensor  # [V, 1 + N, dim], geometry token first
-    finding_logits: torch.Tensor  # [V, topics, *finding_grid]
+    finding_logits: torch.Tensor  # [V, finding types, *finding_grid]
 
-    def token_findings(self, patch: tuple[int, int, int]) -> torch.Tensor:
-        """[V, topics, N]: each token's highest finding probability (``patch`` finding-map cells per token)."""
-        return F.max_pool3d(torch.sigmoid(self.finding_logits.float()), patch).flatten(2)
+    def token_findings(self, patch: tuple[int, int, int], map_topics: tuple[int, ...]) -> torch.Tensor:
+        """[V, topics, N]: each token's highest probability of a finding of each topic
+        (``patch`` finding-map cells per token, ``map_topics`` the topic of each map)."""
+        found = F.max_pool3d(torch.sigmoid(self.finding_logits.float()), patch).flatten(2)
+        owner = torch.tensor(map_topics, device=found.device)
+        return torch.stack([found[:, owner == t].amax(1) for t in range(max(map_topics) + 1)], 1)
 
     def take(self, rows: torch.Tensor) -> Encoded:
         return Encoded(self.tokens[rows], self.finding_logits[rows])
@@ -185,8 +193,8 @@ class ReadoutVLM(nn.Module):
             for a, b, stride in zip(widths, widths[1:], c.stem_strides)
         )
         # One 1x1 read-out per stage, summed at the finding grid: fine stages place, coarse ones decide.
-        self.finding_heads = nn.ModuleList(nn.Conv3d(w, c.topics, kernel_size=1) for w in widths[1:4])
-        self.finding_head = nn.Linear(c.dim, c.topics)
+        self.finding_heads = nn.ModuleList(nn.Conv3d(w, c.map_channels, kernel_size=1) for w in widths[1:4])
+        self.finding_head = nn.Linear(c.dim, c.map_channels)
         # A deeper read-out at the second stage's grid, with the encoded tokens as context: the
         # stem's stages see too little around a cell to tell a bone lesion from cortex. Its last
         # layer starts at zero, so it starts as a no-op on trained weights.
@@ -194,7 +202,7 @@ class ReadoutVLM(nn.Module):
         self.finding_refine = nn.Sequential(
             nn.Conv3d(widths[2] + REFINE_CONTEXT, REFINE_WIDTH, 3, padding=1), nn.GELU(),
             nn.Conv3d(REFINE_WIDTH, REFINE_WIDTH, 3, padding=1), nn.GELU(),
-            nn.Conv3d(REFINE_WIDTH, c.topics, 1))
+            nn.Conv3d(REFINE_WIDTH, c.map_channels, 1))
         nn.init.zeros_(self.finding_refine[-1].weight)
         nn.init.zeros_(self.finding_refine[-1].bias)
         self.axis_position = nn.ParameterList(nn.Parameter(torch.zeros(n, c.dim)) for n in c.tokens_per_axis)
@@ -238,7 +246,7 @@ class ReadoutVLM(nn.Module):
         for block in self.encoder:
             x, _ = block(x, None)
         tokens = self.encoder_norm(x)
-        from_tokens = self.finding_head(tokens[:, 1:]).transpose(1, 2).reshape(-1, c.topics, d, h, w)
+        from_tokens = self.finding_head(tokens[:, 1:]).transpose(1, 2).reshape(-1, c.map_channels, d, h, w)
         context = self.finding_context(tokens[:, 1:]).transpose(1, 2).reshape(-1, REFINE_CONTEXT, d, h, w)
         refined = self.finding_refine(torch.cat([stages[1], _upsample(context, tuple(stages[1].shape[2:]))], dim=1))
         logits = sum(_upsample(head(stage), c.finding_grid) for head, stage in zip(self.finding_heads, stages)) \
@@ -351,7 +359,7 @@ class ReadoutVLM(nn.Module):
         Detached: the finding head learns from the finding maps alone, the decoder learns to use it.
         """
         cells = tuple(g // t for g, t in zip(self.config.finding_grid, self.config.tokens_per_axis))
-        found = visual.token_findings(cells).detach()[rows]  # [B, topics, N]
+        found = visual.token_findings(cells, self.config.map_topics).detach()[rows]  # [B, topics, N]
         if topic is None:
             return found.max(1).values
         picked = found.gather(1, topic.clamp(min=0)[:, None, None].expand(-1, 1, found.shape[-1])).squeeze(1)

@@ -1,7 +1,8 @@
 """A HU volume, or a box-sized part of it, as the fixed-size input of Readout's 3D vision-language model.
 
 ``prepare`` resamples the region to `GRID` (trilinear, cell ``i`` covering the ``i``-th of
-`GRID` equal parts of the region), windows it into three channels and derives rough anatomy
+`GRID` equal parts of the region), windows it into three channels, adds the same windows of each
+cell's highest and lowest HU (`cell_extremes`) and derives rough anatomy
 regions from HU alone (more channels, and pooled per token for the topic guide), so the same
 function serves training on phantoms and inference on real CT. Boxes travel between voxels and
 the model's coordinate bins with `box_to_bins` and `bins_to_box`; `crop_extent` picks the region
@@ -27,13 +28,17 @@ FINDING_GRID: tuple[int, int, int] = (32, 64, 64)  # the demo model's finding ma
 BINS = 64
 #: (centre, width) in HU of the three channels: lung, mediastinum (soft tissue), bone.
 WINDOWS: tuple[tuple[float, float], ...] = ((-600.0, 1500.0), (40.0, 400.0), (400.0, 1800.0))
+#: Each cell's highest and lowest HU, through the same windows, follow as six more channels: a
+#: trilinear sample between slices that lie 5-10 mm apart on the grid can miss a 5-mm nodule or
+#: bone lesion altogether, its thin-slab maximum or minimum cannot (as radiologists read MIP slabs).
+EXTREMES = ("highest", "lowest")
 #: Anatomy masks (`region_masks`) that follow the windows as input channels, so the first layers
 #: know which organ a cell lies in ...
 MASK_CHANNELS: tuple[str, ...] = ("lung", "pleura", "heart", "liver", "bone")
 #: ... then, for these masks, the cells each encloses in-plane without containing them: the holes a
 #: nodule, a liver lesion or a lytic lesion leaves (vessels and the spinal canal leave some too).
 HOLE_CHANNELS: tuple[str, ...] = ("lung", "liver", "bone")
-CHANNELS = len(WINDOWS) + len(MASK_CHANNELS) + len(HOLE_CHANNELS)
+CHANNELS = len(WINDOWS) * (1 + len(EXTREMES)) + len(MASK_CHANNELS) + len(HOLE_CHANNELS)
 #: The anatomy region each report topic is about.
 TOPIC_REGIONS: dict[str, str] = {"lungs": "lung", "pleura": "pleura", "heart": "heart", "liver": "liver",
                                  "bones": "bone"}
@@ -65,8 +70,9 @@ class ModelInput:
     Attributes
     ----------
     image:
-        float32 ``[CHANNELS, *GRID]`` in [0, 1]: the region through each of `WINDOWS`, then
-        its `MASK_CHANNELS` and `HOLE_CHANNELS` (0 or 1).
+        float32 ``[CHANNELS, *GRID]`` in [0, 1]: the region through each of `WINDOWS`, its cells'
+        highest and lowest HU through them (`EXTREMES`), then its `MASK_CHANNELS` and
+        `HOLE_CHANNELS` (0 or 1).
     grid_spacing_mm:
         Millimetres per grid cell along k, r and c.
     regions:
@@ -117,7 +123,8 @@ def prepare(hu: np.ndarray, spacing_mm: tuple[float, float, float],
     regions = {name: pool_to_tokens(mask) for name, mask in masks.items()}
     holes = [ndimage.binary_fill_holes(masks[name], structure=_IN_PLANE) & ~masks[name] for name in HOLE_CHANNELS]
     anatomy = np.stack([masks[name] for name in MASK_CHANNELS] + holes).astype(np.float32)
-    image = np.concatenate([window(grid_hu), anatomy])
+    highest, lowest = cell_extremes(hu, extent)
+    image = np.concatenate([window(grid_hu), window(highest), window(lowest), anatomy])
     return ModelInput(image, grid_spacing, regions, extent)  # type: ignore[arg-type]
 
 
@@ -148,6 +155,26 @@ def resample_to_grid(values: np.ndarray, extent: Sequence[float], fill: float = 
     if k_out.any() or r_out.any() or c_out.any():
         out[k_out[:, None, None] | r_out[None, :, None] | c_out[None, None, :]] = fill
     return out
+
+
+def cell_extremes(values: np.ndarray, extent: Sequence[float], fill: float = AIR_HU,
+                  grid: tuple[int, int, int] = GRID) -> tuple[np.ndarray, np.ndarray]:
+    """The highest and the lowest of the voxels each ``grid`` cell over ``extent`` overlaps.
+
+    A cell wholly outside the volume gets ``fill``. Returns two float32 ``grid`` arrays.
+    """
+    extent = _check_extent(extent)
+    ranges = [_axis_cells(extent[a], extent[a + 3], grid[a], values.shape[a]) for a in range(3)]
+    out = []
+    for reduce in (np.max, np.min):
+        x = values
+        # Separable: the extreme over a box is the extreme over each axis in turn.
+        for axis, (start, stop) in enumerate(ranges):
+            x = np.stack([reduce(np.take(x, np.arange(a, b), axis=axis), axis=axis) if b > a
+                          else np.full(np.delete(x.shape, axis), fill, x.dtype)
+                          for a, b in zip(start, stop)], axis=axis)
+        out.append(x.astype(np.float32))
+    return out[0], out[1]
 
 
 def window(grid_hu: np.ndarray) -> np.ndarray:
@@ -286,6 +313,14 @@ def _axis_samples(lo: float, hi: float, n_out: int, n_in: int
     i0 = np.minimum(np.floor(pos).astype(np.intp), max(n_in - 2, 0))
     i1 = np.minimum(i0 + 1, n_in - 1)
     return i0, i1, (pos - i0).astype(np.float32), inside
+
+
+def _axis_cells(lo: float, hi: float, n_out: int, n_in: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per cell of one axis, the half-open range of voxel indices it overlaps (empty outside)."""
+    edges = lo + np.arange(n_out + 1) * ((hi - lo) / n_out)
+    start = np.floor(edges[:-1] + _EPS).astype(np.intp)
+    stop = np.maximum(np.ceil(edges[1:] - _EPS).astype(np.intp), start + 1)
+    return np.clip(start, 0, n_in), np.clip(stop, 0, n_in)
 
 
 def _largest(mask: np.ndarray) -> np.ndarray:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from engines.phantom import TOPICS
+from engines.phantom import FINDING_TYPES, TOPICS
 from engines.preprocess import TOPIC_REGIONS
 
 # Finding types whose box is worth a zoomed re-look (MedVR regrounding); the others are
 # organ-sized (effusions, cardiomegaly) and gain nothing from a crop.
 FOCAL_TYPES = ("nodule", "mass", "hypodense lesion", "lytic lesion", "sclerotic lesion")
+
+# The demo model's finding maps: one per finding type, in topic order, and the topic of each.
+MAP_TYPES: tuple[str, ...] = tuple(kind for topic in TOPICS for kind in FINDING_TYPES[topic])
+MAP_TOPICS: tuple[int, ...] = tuple(TOPICS.index(topic) for topic in TOPICS for _ in FINDING_TYPES[topic])
 
 _QUESTION_REGIONS = (("pleural", "pleura"), ("pneumothorax", "pleura"), ("nodule", "lung"), ("lung", "lung"),
                      ("liver", "liver"), ("heart", "heart"), ("cardi", "heart"), ("bone", "bone"),

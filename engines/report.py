@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from engines.candidates import map_candidates, snap_box, with_candidates
+from engines.candidates import MapCandidate, map_candidates, snap_box, with_candidates
 from engines.decoding import Generation, generate
 from engines.errors import EngineError
 from engines.grounding import Candidate, ConsensusFinding, consensus, iou3d, majority_answer, vote_box
@@ -118,11 +118,11 @@ class DemoEngine:
 
     def _run(self, visual: Encoded, rows: torch.Tensor, inputs: Sequence[ModelInput], regions: Sequence[str],
              prompts: list[list[int]], rollouts: int, temperature: float, pruning: bool,
-             seed: int) -> tuple[Generation, list[list[tuple[int, ...]]], torch.Tensor, dict[str, float]]:
+             seed: int) -> tuple[Generation, list[list[MapCandidate]], torch.Tensor, dict[str, float]]:
         """Prefill every prompt once (prompt i reads volume ``rows[i]`` of ``inputs`` and looks at
         region ``regions[i]``), repeat each prefix for its rollouts, decode them all together.
 
-        Returns the generation, each prompt's candidate boxes, the kept shares and timings.
+        Returns the generation, each prompt's map candidates, the kept shares and timings.
         """
         t0 = time.perf_counter()
         share = np.stack([inputs[int(v)].regions[name].reshape(-1) for v, name in zip(rows, regions)])

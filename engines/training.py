@@ -3,7 +3,8 @@
 Settings sit at the top. Progress (0 → 1, by steps or by the time limit, whichever is further)
 drives the learning rate and the phases: the encoder's finding maps alone first, then the whole
 model through Photon's phases: no pruning, then soft (visual values scaled by p), then hard
-dropping with the surrogate gradient; the retention band from the soft phase on,
+dropping with the surrogate gradient (a share of those steps unpruned, so the model still reads
+every token); the retention band from the soft phase on,
 the robustness regularizer (corrupted volumes → maximal answer entropy) from the soft phase,
 the flip regularizer late in the hard phase.
 """
@@ -31,7 +32,7 @@ from engines.checkpoint import load_checkpoint, save_checkpoint
 from engines.model import ModelConfig, ReadoutVLM
 from engines.phantom import NORMAL_SENTENCES, TOPICS, render_phantom
 from engines.preprocess import BINS, FINDING_GRID, box_to_bins, crop_extent, prepare
-from engines.prompts import FOCAL_TYPES, question_region, region_topic, topic_region
+from engines.prompts import FOCAL_TYPES, MAP_TYPES, question_region, region_topic, topic_region
 from engines.results import StudyResult
 from engines.scheduler import kept_ratio, retention_band_loss
 from engines.tokenizer import MAX_ANSWER_TOKENS, Tokenizer
@@ -50,16 +51,19 @@ WARMUP = 0.03
 # full one), then the decoder learns to read them.
 DETECT_UNTIL = 0.2
 SOFT_FROM, HARD_FROM, FLIP_FROM = 0.45, 0.65, 0.8
+# Steps of the soft and hard phases that run without pruning, so the model still reads every token
+# well: scheduling off must stay a fair baseline, not a mode the model has forgotten.
+UNPRUNED_SHARE = 0.2
 NORMAL_SHARE = 0.15  # extra all-normal phantoms, so "normal" is well learnt
 CROP_SHARE = 0.6  # volumes that also yield a zoomed crop example
 CORRUPT_SHARE = 0.15
 ROBUST_WEIGHT, FLIP_WEIGHT, SPARSITY_WEIGHT = 0.05, 0.1, 0.05
-# The model's finding head learns, per cell of its finding grid and topic, whether a finding of
-# that topic lies there (from the phantom's finding map); its probabilities guide the decoder.
+# The model's finding head learns, per cell of its finding grid and finding type, whether a finding
+# of that type lies there (from the phantom's finding map); its probabilities guide the decoder.
 FINDING_MAP_WEIGHT = 1.0
 POSITIVE_WEIGHT_CAP = 200.0
 CELL_FILL = 0.25  # share of a finding-grid cell a finding must fill to mark it
-# Soft Dice per volume and topic beside the voxel-wise loss: a small lesion's few cells weigh as
+# Soft Dice per volume and finding type beside the voxel-wise loss: a small lesion's few cells weigh as
 # much as an effusion's hundreds, so small findings are learnt too.
 DICE_WEIGHT = 1.0
 # Coordinate tokens are few among the report's words but carry the grounding: weigh them up.
@@ -83,17 +87,17 @@ class Example:
     regions: list[dict[str, np.ndarray]]
     sequences: list[Sequence]
     corrupted: list[bool]
-    finding_maps: list[np.ndarray]  # per volume, uint8 [topics, *FINDING_GRID]: 1 where a finding of the topic lies
+    finding_maps: list[np.ndarray]  # per volume, uint8 [MAP_TYPES, *FINDING_GRID]: 1 where a finding of the type lies
 
 
 def finding_maps(phantom, extent) -> np.ndarray:
-    """Per topic, the cells of `FINDING_GRID` over ``extent`` that a finding of the topic fills.
+    """Per finding type (`MAP_TYPES`), the cells of `FINDING_GRID` over ``extent`` that a finding of the type fills.
 
     A cell counts when the finding fills at least `CELL_FILL` of it; every finding inside the
     extent marks at least its fullest cell, so none is lost however small (a 5-mm bone lesion).
     """
-    topic_of = [TOPICS.index(t.topic) for t in phantom.truth.topics for _ in t.findings]  # finding n: topic_of[n - 1]
-    out = np.zeros((len(TOPICS), *FINDING_GRID), dtype=np.uint8)
+    map_of = [MAP_TYPES.index(f.type) for t in phantom.truth.topics for f in t.findings]  # finding n: map_of[n - 1]
+    out = np.zeros((len(MAP_TYPES), *FINDING_GRID), dtype=np.uint8)
     k, r, c = np.nonzero(phantom.finding_map)
     labels = phantom.finding_map[k, r, c]
     cell, inside, cell_voxels = [], np.ones(len(k), bool), 1.0
@@ -109,7 +113,7 @@ def finding_maps(phantom, extent) -> np.ndarray:
         counts = np.bincount(flat[labels == label], minlength=out[0].size)
         filled = counts / cell_voxels >= CELL_FILL
         filled[counts.argmax()] = True
-        out[topic_of[label - 1]].reshape(-1)[filled] = 1
+        out[map_of[label - 1]].reshape(-1)[filled] = 1
     return out
 
 
@@ -240,7 +244,7 @@ class Batch:
     prompt: torch.Tensor
     answer: torch.Tensor  # [S, A], 0-padded
     corrupted: torch.Tensor  # [S] bool per sequence
-    finding_maps: torch.Tensor  # [V, topics, *FINDING_GRID] uint8
+    finding_maps: torch.Tensor  # [V, finding types, *FINDING_GRID] uint8
     topic: torch.Tensor  # [S] report topic index of each sequence's region, -1 for any
     volume_corrupted: torch.Tensor  # [V]
 
@@ -303,7 +307,7 @@ def _losses(model: ReadoutVLM, tokenizer: Tokenizer, batch: Batch, phase: str, f
         logits_map = encoded.finding_logits[~batch.volume_corrupted].float()
         target = batch.finding_maps[~batch.volume_corrupted].float()
         # Findings cover few cells, a bone lesion's far fewer than an effusion's: weight each
-        # topic's positives by its own rarity, so that bone lesions are not ignored either.
+        # type's positives by its own rarity, so that bone lesions are not ignored either.
         positives = target.sum((0, 2, 3, 4), keepdim=True)
         cells = target[:, :1].numel()
         pos_weight = ((cells - positives) / positives.clamp(min=1)).clamp(max=POSITIVE_WEIGHT_CAP)
@@ -347,7 +351,7 @@ def _losses(model: ReadoutVLM, tokenizer: Tokenizer, batch: Batch, phase: str, f
 
 
 def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """1 - soft Dice, averaged over the (volume, topic) maps that hold a finding; 0 if none does."""
+    """1 - soft Dice, averaged over the (volume, type) maps that hold a finding; 0 if none does."""
     p = torch.sigmoid(logits).flatten(2)
     t = target.flatten(2)
     present = t.sum(-1) > 0
@@ -375,7 +379,7 @@ def train(out: Path, steps: int, device: str = "cpu", time_limit_s: float | None
     tokenizer = Tokenizer()
     dev = torch.device(device)
     if init is None:
-        model = ReadoutVLM(ModelConfig(vocab_size=len(tokenizer), topics=len(TOPICS), **(model_size or {}))).to(dev)
+        model = ReadoutVLM(ModelConfig(vocab_size=len(tokenizer), **(model_size or {}))).to(dev)
     else:
         model, init_meta = load_checkpoint(init, device)
     detect_until = detect_share if detect_share is not None else DETECT_UNTIL if init is None else 0.0
@@ -405,6 +409,8 @@ def train(out: Path, steps: int, device: str = "cpu", time_limit_s: float | None
         examples = rng.sample(list(replay), min(VOLUMES_PER_STEP, len(replay)))
         progress = max(step / steps, (time.time() - started) / time_limit_s if time_limit_s else 0.0)
         phase = _phase(progress, detect_until)
+        if phase in ("soft", "hard") and rng.random() < UNPRUNED_SHARE:
+            phase = "off"
         batch = collate(examples, dev, CORRUPT_SHARE if phase in ("soft", "hard") else 0.0, rng)
         for group in optimizer.param_groups:
             group["lr"] = _learning_rate(progress) * group["scale"]
@@ -452,8 +458,8 @@ def model_card(info: dict, evaluation: str | None = None) -> str:
         "**Synthetic data only — not for clinical use.**",
         "",
         "A small 3D vision-language model (strided convolutional stem and transformer encoder over a 32x128x128",
-        "grid with lung, mediastinal and bone windows, five HU-based anatomy masks and the holes in three of them, 512 visual",
-        "tokens, dense per-topic finding maps at",
+        "grid with lung, mediastinal and bone windows of each cell's trilinear sample, highest and lowest HU, five",
+        "HU-based anatomy masks and the holes in three of them, 512 visual tokens, dense finding maps, one per finding type, at",
         "32x64x64; decoder with Photon token scheduling at a quarter of its depth, visual keys and values shared",
         "by every prompt of a volume) that writes topic-organized findings with boxes and answers questions",
         "about Readout's synthetic chest CT phantoms.",
@@ -469,12 +475,13 @@ def model_card(info: dict, evaluation: str | None = None) -> str:
         f"| final validation (teacher-forced) | {json.dumps(t['final_validation'])} |",
         "",
         "Training: the finding maps alone first; then no pruning, then soft (visual values x p), then hard",
-        "dropping with Photon's surrogate gradient; retention band [0.3, 0.8], robustness (corrupted volumes -> maximal answer entropy) and flip regularizers;",
+        f"dropping with Photon's surrogate gradient ({UNPRUNED_SHARE:.0%} of the soft and hard steps unpruned); retention band [0.3, 0.8],",
+        "robustness (corrupted volumes -> maximal answer entropy) and flip regularizers;",
         "a finding head on the stem, a few convolutions over its second stage and the encoder learns each",
-        "topic's finding map cell by cell from the phantoms' finding maps (positives weighted by their topic's",
+        "type's finding map cell by cell from the phantoms' finding maps (positives weighted by their type's",
         "rarity, plus soft Dice per map, so small findings weigh as much as large ones), and each token's highest",
         "probability for the prompt's topic guides the decoder's attention;",
-        "the maps' strongest regions go before each topic's prompt as candidate boxes (`engines.candidates`).",
+        "the strongest regions of a topic's maps go before its prompt as typed candidate boxes (`engines.candidates`).",
     ]
     if evaluation:
         lines += ["", "## Evaluation", "", evaluation]

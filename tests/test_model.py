@@ -112,19 +112,20 @@ def test_detect_phase_trains_only_the_encoder_and_its_finding_maps(model, tokeni
     assert training._phase(0.0) == "detect" and training._phase(training.DETECT_UNTIL) == "off"
 
 
-def test_finding_maps_mark_each_topics_findings_where_they_lie(tokenizer):
+def test_finding_maps_mark_each_findings_type_where_it_lies(tokenizer):
     from engines.phantom import TOPICS, render_phantom
     from engines.preprocess import FINDING_GRID, prepare
+    from engines.prompts import MAP_TYPES
 
     phantom = render_phantom(7, findings={"lungs": ["mass"], "pleura": [], "heart": [], "liver": [], "bones": []})
     spacing = (phantom.slice_spacing_mm, phantom.pixel_spacing_mm, phantom.pixel_spacing_mm)
     maps = training.finding_maps(phantom, prepare(phantom.hu, spacing).extent)
-    lungs = TOPICS.index("lungs")
-    assert maps.shape == (len(TOPICS), *FINDING_GRID)
-    assert maps[[i for i in range(len(TOPICS)) if i != lungs]].sum() == 0
+    mass = MAP_TYPES.index("mass")
+    assert maps.shape == (len(MAP_TYPES), *FINDING_GRID)
+    assert maps[[i for i in range(len(MAP_TYPES)) if i != mass]].sum() == 0
     # The marked cells sit inside the mass's box, mapped onto the finding grid.
-    box = phantom.truth.topics[lungs].findings[0].box.voxel
-    cells = np.argwhere(maps[lungs])
+    box = phantom.truth.topics[TOPICS.index("lungs")].findings[0].box.voxel
+    cells = np.argwhere(maps[mass])
     assert len(cells) > 0
     for axis in range(3):
         scale = FINDING_GRID[axis] / phantom.hu.shape[axis]
@@ -132,20 +133,22 @@ def test_finding_maps_mark_each_topics_findings_where_they_lie(tokenizer):
         assert cells[:, axis].max() <= int(box[axis + 3] * scale) + 1
 
 
-def test_every_finding_marks_its_topics_map_even_a_small_bone_lesion():
+def test_every_finding_marks_its_types_map_even_a_small_bone_lesion():
     from engines.phantom import TOPICS, render_phantom
     from engines.preprocess import prepare
+    from engines.prompts import MAP_TYPES
 
     phantom = render_phantom(11, findings={"lungs": ["nodule"], "pleura": [], "heart": [], "liver": [],
                                            "bones": ["lytic lesion"]})
     spacing = (phantom.slice_spacing_mm, phantom.pixel_spacing_mm, phantom.pixel_spacing_mm)
     maps = training.finding_maps(phantom, prepare(phantom.hu, spacing).extent)
-    bones = maps[TOPICS.index("bones")]
-    assert bones.sum() >= 1
+    lytic = maps[MAP_TYPES.index("lytic lesion")]
+    assert lytic.sum() >= 1 and maps[MAP_TYPES.index("sclerotic lesion")].sum() == 0
+    assert maps[MAP_TYPES.index("nodule")].sum() >= 1
     # Its cells cover the lesion's centre (the finding grid halves the 32x128x128 grid in-plane).
     box = phantom.truth.topics[TOPICS.index("bones")].findings[0].box.voxel
-    cells = np.argwhere(bones)
-    centre = [(box[a] + box[a + 3]) / 2 / phantom.hu.shape[a] * bones.shape[a] for a in range(3)]
+    cells = np.argwhere(lytic)
+    centre = [(box[a] + box[a + 3]) / 2 / phantom.hu.shape[a] * lytic.shape[a] for a in range(3)]
     assert all(cells[:, a].min() - 1 <= centre[a] <= cells[:, a].max() + 2 for a in range(3))
 
 

@@ -12,6 +12,7 @@ from engines.phantom import ANATOMY_LABELS, Phantom, render_phantom
 from engines.preprocess import (
     BINS,
     CHANNELS,
+    EXTREMES,
     GRID,
     HOLE_CHANNELS,
     MASK_CHANNELS,
@@ -21,6 +22,7 @@ from engines.preprocess import (
     WINDOWS,
     bins_to_box,
     box_to_bins,
+    cell_extremes,
     crop_extent,
     prepare,
     region_masks,
@@ -245,11 +247,12 @@ def test_anatomy_masks_follow_the_windows_as_channels() -> None:
     spacing = (phantom.slice_spacing_mm, phantom.pixel_spacing_mm, phantom.pixel_spacing_mm)
     image = prepare(phantom.hu, spacing).image
     assert image.shape == (CHANNELS, *GRID)
-    assert CHANNELS == len(WINDOWS) + len(MASK_CHANNELS) + len(HOLE_CHANNELS)
-    for channel, name in zip(image[len(WINDOWS):], MASK_CHANNELS):
+    intensity = len(WINDOWS) * (1 + len(EXTREMES))
+    assert CHANNELS == intensity + len(MASK_CHANNELS) + len(HOLE_CHANNELS)
+    for channel, name in zip(image[intensity:], MASK_CHANNELS):
         np.testing.assert_array_equal(channel, masks[name].astype(np.float32), err_msg=name)
         assert channel.any(), name
-    holes = dict(zip(HOLE_CHANNELS, image[len(WINDOWS) + len(MASK_CHANNELS):].astype(bool)))
+    holes = dict(zip(HOLE_CHANNELS, image[intensity + len(MASK_CHANNELS):].astype(bool)))
     for name, hole in holes.items():
         assert not (hole & masks[name]).any(), name
     # The lung mass and the lytic lesion (soft tissue HU) are holes in the lung and bone masks.
@@ -257,6 +260,28 @@ def test_anatomy_masks_follow_the_windows_as_channels() -> None:
     for kind, name in (("mass", "lung"), ("lytic lesion", "bone")):
         lesion = _label_on_grid(phantom, phantom.finding_map == types.index(kind) + 1)
         assert (lesion & holes[name]).sum() > 0.5 * lesion.sum() > 0, kind
+
+
+def test_cell_extremes_keep_a_single_voxel_that_trilinear_samples_miss() -> None:
+    hu = np.full((100, 64, 64), 300, np.int16)
+    hu[40, 30, 30] = 1000  # 100 slices onto 32: the trilinear samples read slices 38-39 and 41-42
+    hu[70, 10, 50] = 0
+    extent = (0, 0, 0, *hu.shape)
+    assert resample_to_grid(hu, extent).max() == 300
+    highest, lowest = cell_extremes(hu, extent)
+    assert highest.shape == lowest.shape == GRID
+    cell = (40 * GRID[0] // 100, 30 * GRID[1] // 64, 30 * GRID[2] // 64)
+    # Each voxel overlaps two cells along every axis here: slice 40 reaches into cell 13 (from 40.6)
+    # and the grid halves the voxels in-plane.
+    assert highest[cell] == 1000 and (highest == 1000).sum() == 8
+    assert lowest[70 * GRID[0] // 100, 10 * GRID[1] // 64, 50 * GRID[2] // 64] == 0 and (lowest == 0).sum() == 4
+    assert (lowest >= 0).all() and (highest <= 1000).all()
+    # A crop reaching past the volume reads air there; its cells smaller than a voxel still read one.
+    highest, lowest = cell_extremes(hu, (-10, 0, 0, 20, 64, 64))
+    assert (highest[:10] == -1000).all() and (lowest[11:] >= 300).any()
+    image = prepare(hu, (1.0, 1.0, 1.0)).image
+    bone_window_highest = len(WINDOWS) + 2
+    assert image[bone_window_highest][cell] > image[2][cell] + 0.2
 
 
 def test_regions_of_air_are_empty() -> None:
