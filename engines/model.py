@@ -1,14 +1,15 @@
 """Readout's demo 3D vision-language model, top to bottom in one file.
 
-Vision: a CT volume resampled to a fixed grid with three HU windows, five rough anatomy masks from
-HU and the holes that lesions leave in three of them as channels, cut into 3D
+Vision: a CT volume resampled to a fixed grid with three HU windows (of each cell's sample, and of
+its highest and lowest HU), five rough anatomy masks from HU and the holes that lesions leave in
+three of them as channels, cut into 3D
 patches by a convolutional stem of overlapping strided convolutions (so a token can say where
 inside it a small lesion sits), with per-axis position embeddings, plus one geometry token (grid
 spacing in mm), through a small bidirectional transformer. A finding head reads the stem's
 stages, a few convolutions over its second stage with the encoded tokens as context, and the
-encoded tokens into one dense map per report topic at half the grid's in-plane
-resolution, one per finding type; it is trained on the phantoms' finding maps, voxel by voxel,
-which teaches the stem to see lesions far sooner than token-level labels do.
+encoded tokens into dense maps at half the grid's in-plane resolution, one per finding type;
+it is trained on the phantoms' finding maps, voxel by voxel, which teaches the stem to see
+lesions far sooner than token-level labels do.
 
 Language: a decoder-only transformer over [geometry token, visual tokens, prompt, answer]. Text
 is causal and sees every (kept) visual token; a visual token sees only itself. The encoder has
