@@ -71,8 +71,8 @@ def map_candidates(finding_logits: torch.Tensor, rows: torch.Tensor, topic: torc
     """
     pairs = list(zip(rows.tolist(), topic.tolist()))
     probability = torch.sigmoid(finding_logits.detach().float()).cpu().numpy()
-    owner = np.array(MAP_TOPICS)
-    found = {(v, t): candidate_boxes(probability[v][owner == t], tuple(k for k, o in zip(MAP_TYPES, MAP_TOPICS) if o == t))
+    maps = {t: [i for i, owner in enumerate(MAP_TOPICS) if owner == t] for _, t in pairs}
+    found = {(v, t): candidate_boxes(probability[v][maps[t]], tuple(MAP_TYPES[i] for i in maps[t]))
              for v, t in set(pairs) if t >= 0}
     return [found.get(pair, []) for pair in pairs]
 
