@@ -6,8 +6,9 @@ three of them as channels, cut into 3D
 patches by a convolutional stem of overlapping strided convolutions (so a token can say where
 inside it a small lesion sits), with per-axis position embeddings, plus one geometry token (grid
 spacing in mm), through a small bidirectional transformer. A finding head reads the stem's
-stages, a few convolutions over its second stage with the encoded tokens as context, and the
-encoded tokens into dense maps at half the grid's in-plane resolution, one per finding type;
+stages, a few convolutions over its second stage with the encoded tokens as context, a few
+in-plane convolutions over the input itself, and the encoded tokens into dense maps at half the
+grid's in-plane resolution, one per finding type;
 it is trained on the phantoms' finding maps, voxel by voxel, which teaches the stem to see
 lesions far sooner than token-level labels do.
 
@@ -42,6 +43,7 @@ Pruning = Literal["off", "soft", "hard", "flip"]
 
 
 REFINE_WIDTH, REFINE_CONTEXT = 32, 16  # channels of the finding maps' deeper read-out
+FINE_WIDTH = 16  # channels of the finding maps' read-out of the input itself, at the finding grid
 
 
 @dataclass(frozen=True)
@@ -197,15 +199,24 @@ class ReadoutVLM(nn.Module):
         self.finding_heads = nn.ModuleList(nn.Conv3d(w, c.map_channels, kernel_size=1) for w in widths[1:4])
         self.finding_head = nn.Linear(c.dim, c.map_channels)
         # A deeper read-out at the second stage's grid, with the encoded tokens as context: the
-        # stem's stages see too little around a cell to tell a bone lesion from cortex. Its last
-        # layer starts at zero, so it starts as a no-op on trained weights.
+        # stem's stages see too little around a cell to tell a bone lesion from cortex. The last
+        # layers of this read-out and the next start at zero: no-ops on trained weights.
         self.finding_context = nn.Linear(c.dim, REFINE_CONTEXT)
         self.finding_refine = nn.Sequential(
             nn.Conv3d(widths[2] + REFINE_CONTEXT, REFINE_WIDTH, 3, padding=1), nn.GELU(),
             nn.Conv3d(REFINE_WIDTH, REFINE_WIDTH, 3, padding=1), nn.GELU(),
             nn.Conv3d(REFINE_WIDTH, c.map_channels, 1))
-        nn.init.zeros_(self.finding_refine[-1].weight)
-        nn.init.zeros_(self.finding_refine[-1].bias)
+        # A read-out of the input itself at the finding grid: the stem's first stage serves every
+        # later layer and keeps a cell's own HU only in part (a pneumothorax cell's lowest HU alone
+        # tells it from normal lung; a linear read-out of that stage's features reached AUC 0.83).
+        self.finding_fine = nn.Sequential(
+            nn.Conv3d(c.channels, FINE_WIDTH, kernel_size=c.stem_strides[0], stride=c.stem_strides[0]), nn.GELU(),
+            nn.Conv3d(FINE_WIDTH, FINE_WIDTH, (1, 3, 3), padding=(0, 1, 1)), nn.GELU(),
+            nn.Conv3d(FINE_WIDTH, FINE_WIDTH, (1, 3, 3), padding=(0, 1, 1)), nn.GELU(),
+            nn.Conv3d(FINE_WIDTH, c.map_channels, 1))
+        for last in (self.finding_refine[-1], self.finding_fine[-1]):
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
         self.axis_position = nn.ParameterList(nn.Parameter(torch.zeros(n, c.dim)) for n in c.tokens_per_axis)
         self.geometry = nn.Linear(3, c.dim)
         self.encoder = nn.ModuleList(Block(c.dim, c.heads) for _ in range(c.encoder_layers))
@@ -251,7 +262,7 @@ class ReadoutVLM(nn.Module):
         context = self.finding_context(tokens[:, 1:]).transpose(1, 2).reshape(-1, REFINE_CONTEXT, d, h, w)
         refined = self.finding_refine(torch.cat([stages[1], _upsample(context, tuple(stages[1].shape[2:]))], dim=1))
         logits = sum(_upsample(head(stage), c.finding_grid) for head, stage in zip(self.finding_heads, stages)) \
-            + _upsample(from_tokens, c.finding_grid) + _upsample(refined, c.finding_grid)
+            + _upsample(from_tokens, c.finding_grid) + _upsample(refined, c.finding_grid) + self.finding_fine(image)
         return Encoded(tokens, logits)
 
     def visual_stream(self, visual: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -66,6 +66,10 @@ CELL_FILL = 0.25  # share of a finding-grid cell a finding must fill to mark it
 # Soft Dice per volume and finding type beside the voxel-wise loss: a small lesion's few cells weigh as
 # much as an effusion's hundreds, so small findings are learnt too.
 DICE_WEIGHT = 1.0
+# Whether a volume holds a finding of a type at all, read off its map's highest cell. Rarity-weighted
+# cells make a map fire wherever its finding could be (every apex, every heart); this term makes
+# that highest cell answer for the whole volume, so a candidate (`candidates.THRESHOLD`) means "found".
+PRESENCE_WEIGHT = 1.0
 # Coordinate tokens are few among the report's words but carry the grounding: weigh them up.
 COORDINATE_WEIGHT = 3.0
 
@@ -314,6 +318,7 @@ def _losses(model: ReadoutVLM, tokenizer: Tokenizer, batch: Batch, phase: str, f
         weight = torch.where(target > 0, pos_weight, 1.0)
         bce = (F.binary_cross_entropy_with_logits(logits_map, target, reduction="none") * weight).sum() / weight.sum()
         losses["finding_map"] = FINDING_MAP_WEIGHT * bce + DICE_WEIGHT * soft_dice_loss(logits_map, target)
+        losses["presence"] = PRESENCE_WEIGHT * presence_loss(logits_map, target)
     if phase == "detect":
         return losses
     # The candidates come from the model's own maps, as at inference: the decoder learns which to trust.
@@ -359,6 +364,11 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return logits.sum() * 0
     dice = 2 * (p * t).sum(-1) / (p.sum(-1) + t.sum(-1)).clamp(min=1e-6)
     return 1 - dice[present].mean()
+
+
+def presence_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy of each (volume, type) map's highest cell against whether the volume holds that type."""
+    return F.binary_cross_entropy_with_logits(logits.flatten(2).amax(-1), target.flatten(2).amax(-1))
 
 
 def validation_examples(tokenizer: Tokenizer) -> list[Example]:
@@ -477,9 +487,10 @@ def model_card(info: dict, evaluation: str | None = None) -> str:
         "Training: the finding maps alone first; then no pruning, then soft (visual values x p), then hard",
         f"dropping with Photon's surrogate gradient ({UNPRUNED_SHARE:.0%} of the soft and hard steps unpruned); retention band [0.3, 0.8],",
         "robustness (corrupted volumes -> maximal answer entropy) and flip regularizers;",
-        "a finding head on the stem, a few convolutions over its second stage and the encoder learns each",
-        "type's finding map cell by cell from the phantoms' finding maps (positives weighted by their type's",
-        "rarity, plus soft Dice per map, so small findings weigh as much as large ones), and each token's highest",
+        "a finding head on the stem, a few convolutions over its second stage and over the input, and the encoder",
+        "learns each type's finding map cell by cell from the phantoms' finding maps (positives weighted by their",
+        "type's rarity, plus soft Dice per map, so small findings weigh as much as large ones; each map's highest",
+        "cell also learns whether the volume holds that type at all), and each token's highest",
         "probability for the prompt's topic guides the decoder's attention;",
         "the strongest regions of a topic's maps go before its prompt as typed candidate boxes (`engines.candidates`).",
     ]
@@ -497,7 +508,7 @@ def evaluate_loss(model: ReadoutVLM, tokenizer: Tokenizer, examples: list[Exampl
     batch = collate(examples, device)
     losses = _losses(model, tokenizer, batch, phase if phase != "soft" else "hard", flip=False)
     model.train()
-    return {k: round(float(v), 4) for k, v in losses.items() if k in ("finding_map", "ce", "accuracy", "kept")}
+    return {k: round(float(v), 4) for k, v in losses.items() if k in ("finding_map", "presence", "ce", "accuracy", "kept")}
 
 
 def _device_name(device: torch.device) -> str:

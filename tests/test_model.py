@@ -104,10 +104,10 @@ def test_detect_phase_trains_only_the_encoder_and_its_finding_maps(model, tokeni
     batch = training.collate([training.make_example(10_000_000, tokenizer)], torch.device("cpu"))
     model.train()
     losses = training._losses(model, tokenizer, batch, "detect", flip=False)
-    assert set(losses) == {"finding_map"}
+    assert set(losses) == {"finding_map", "presence"}
     losses["finding_map"].backward()
     assert model.stem[0].weight.grad.abs().sum() > 0 and model.finding_head.weight.grad.abs().sum() > 0
-    assert model.finding_refine[-1].weight.grad.abs().sum() > 0
+    assert model.finding_refine[-1].weight.grad.abs().sum() > 0 and model.finding_fine[-1].weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in model.decoder.parameters())
     assert training._phase(0.0) == "detect" and training._phase(training.DETECT_UNTIL) == "off"
 
@@ -159,6 +159,17 @@ def test_soft_dice_counts_only_maps_that_hold_a_finding():
     assert training.soft_dice_loss(perfect, target).item() < 1e-3
     assert training.soft_dice_loss(-perfect, target).item() > 0.99
     assert training.soft_dice_loss(perfect, torch.zeros_like(target)).item() == 0
+
+
+def test_presence_loss_charges_a_map_that_fires_where_its_finding_is_absent():
+    target = torch.zeros(2, 3, 4, 4, 4)
+    target[0, 1, 1:3, 1:3, 1:3] = 1
+    quiet = torch.full_like(target, -20.0)
+    quiet[0, 1, 2, 2, 2] = 20.0  # one confident cell where the finding is: enough for presence
+    assert training.presence_loss(quiet, target).item() < 1e-3
+    firing = quiet.clone()
+    firing[1, 2, 0, 0, 0] = 20.0  # a single firing cell in a volume without the finding
+    assert training.presence_loss(firing, target).item() > 1.0
 
 
 def test_topics_are_generated_independently(model, tokenizer):
