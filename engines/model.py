@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engines.preprocess import CHANNELS
 from engines.prompts import MAP_TOPICS
 from engines.scheduler import SurrogateGate, TokenScheduler
 
@@ -55,7 +56,7 @@ class ModelConfig:
     decoder_layers: int = 8
     schedule_layer: int = 2
     max_text: int = 96
-    channels: int = 17  # engines.preprocess.CHANNELS: HU windows of cells, their highest and lowest; anatomy masks, holes
+    channels: int = CHANNELS  # HU windows of cells, their highest and lowest; anatomy masks, holes
     grid: tuple[int, int, int] = (32, 128, 128)
     patch: tuple[int, int, int] = (4, 16, 16)
     stem_channels: int = 16

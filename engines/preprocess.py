@@ -170,7 +170,7 @@ def cell_extremes(values: np.ndarray, extent: Sequence[float], fill: float = AIR
         x = values
         # Separable: the extreme over a box is the extreme over each axis in turn.
         for axis, (start, stop) in enumerate(ranges):
-            x = np.stack([reduce(np.take(x, np.arange(a, b), axis=axis), axis=axis) if b > a
+            x = np.stack([reduce(x[(slice(None),) * axis + (slice(a, b),)], axis=axis) if b > a
                           else np.full(np.delete(x.shape, axis), fill, x.dtype)
                           for a, b in zip(start, stop)], axis=axis)
         out.append(x.astype(np.float32))
