@@ -1,8 +1,9 @@
 """`readout eval`: the demo engine on held-out phantoms, scored against their truth.
 
 A prediction matches a truth finding when topic and type agree and their 3D IoU is >= 0.1
-(greedy, best IoU first). Reported: finding F1 overall and per type (all sizes, and lesions
->= 8 mm only, where predictions matching smaller truths are not counted), median IoU of matched
+(greedy, best IoU first). Reported: finding F1 overall and per type the truth holds (all sizes,
+and lesions >= 8 mm only, where predictions matching smaller truths are not counted; false
+findings of types the truth never holds count overall and on their own), median IoU of matched
 findings before and after regrounding, the share of all-normal phantoms given any finding,
 yes/no answer accuracy, and the mean share of visual tokens kept. With ``ablation``: the same
 phantoms with scheduling off, with one rollout instead of consensus, and without regrounding.
@@ -88,7 +89,9 @@ class Tally:
         def f1(tp, fp, fn):
             return 2 * tp / max(1, 2 * tp + fp + fn)
 
-        kinds = sorted(set(self.tp) | set(self.fp) | set(self.fn))
+        # Per type: the types the truth holds. A sentence that names none ("lesion") is a false
+        # finding of the overall figures, not a type the engine failed at.
+        kinds = sorted(k for k in set(self.tp) | set(self.fn) if self.tp[k] + self.fn[k])
         total = lambda d: sum(d.values())  # noqa: E731
         return {
             "f1": round(f1(total(self.tp), total(self.fp), total(self.fn)), 4),
@@ -98,6 +101,7 @@ class Tally:
             "per_type_f1": {k: round(f1(self.tp[k], self.fp[k], self.fn[k]), 4) for k in kinds},
             "per_type_f1_8mm": {k: round(f1(self.tp8[k], self.fp8[k], self.fn8[k]), 4) for k in kinds},
             "truth_findings": total(self.tp) + total(self.fn),
+            "false_of_other_types": sum(n for k, n in self.fp.items() if k not in kinds),
             "median_iou": round(float(np.median(self.ious)), 4) if self.ious else None,
             "median_iou_before_regrounding": round(float(np.median(self.ious_before)), 4) if self.ious_before else None,
             "normal_studies": self.normal_studies,
