@@ -1,8 +1,8 @@
 """Readout's demo 3D vision-language model, top to bottom in one file.
 
 Vision: a CT volume resampled to a fixed grid with three HU windows (of each cell's sample, and of
-its highest and lowest HU), five rough anatomy masks from HU and the holes that lesions leave in
-three of them as channels, cut into 3D
+its highest and lowest HU), five rough anatomy masks from HU, the holes that lesions leave in
+three of them and three density classes (gas, dense bone islands, fluid) as channels, cut into 3D
 patches by a convolutional stem of overlapping strided convolutions (so a token can say where
 inside it a small lesion sits), with per-axis position embeddings, plus one geometry token (grid
 spacing in mm), through a small bidirectional transformer. A finding head reads the stem's
@@ -56,7 +56,7 @@ class ModelConfig:
     decoder_layers: int = 8
     schedule_layer: int = 2
     max_text: int = 96
-    channels: int = CHANNELS  # HU windows of cells, their highest and lowest; anatomy masks, holes
+    channels: int = CHANNELS  # HU windows of cells, their highest and lowest; anatomy masks, holes, densities
     grid: tuple[int, int, int] = (32, 128, 128)
     patch: tuple[int, int, int] = (4, 16, 16)
     stem_channels: int = 16

@@ -3,7 +3,8 @@
 ``prepare`` resamples the region to `GRID` (trilinear, cell ``i`` covering the ``i``-th of
 `GRID` equal parts of the region), windows it into three channels, adds the same windows of each
 cell's highest and lowest HU (`cell_extremes`) and derives rough anatomy
-regions from HU alone (more channels, and pooled per token for the topic guide), so the same
+regions and density classes from HU alone (more channels; the regions are also pooled per token
+for the topic guide), so the same
 function serves training on phantoms and inference on real CT. Boxes travel between voxels and
 the model's coordinate bins with `box_to_bins` and `bins_to_box`; `crop_extent` picks the region
 for a zoomed re-look at a box.
@@ -38,7 +39,12 @@ MASK_CHANNELS: tuple[str, ...] = ("lung", "pleura", "heart", "liver", "bone")
 #: ... then, for these masks, the cells each encloses in-plane without containing them: the holes a
 #: nodule, a liver lesion or a lytic lesion leaves (vessels and the spinal canal leave some too).
 HOLE_CHANNELS: tuple[str, ...] = ("lung", "liver", "bone")
-CHANNELS = len(WINDOWS) * (1 + len(EXTREMES)) + len(MASK_CHANNELS) + len(HOLE_CHANNELS)
+#: Last, HU classes that name a finding by density (`density_masks`): gas below -950 HU inside the
+#: lungs' region (aerated lung lies above it; CT's low-attenuation-area threshold), dense islands
+#: that cancellous bone encloses, and fluid (water density over a homogeneous patch). A window
+#: shows these as small shifts of grey; as masks they stand out as holes do.
+DENSITY_CHANNELS: tuple[str, ...] = ("gas", "dense island", "fluid")
+CHANNELS = len(WINDOWS) * (1 + len(EXTREMES)) + len(MASK_CHANNELS) + len(HOLE_CHANNELS) + len(DENSITY_CHANNELS)
 #: The anatomy region each report topic is about.
 TOPIC_REGIONS: dict[str, str] = {"lungs": "lung", "pleura": "pleura", "heart": "heart", "liver": "liver",
                                  "bones": "bone"}
@@ -57,6 +63,10 @@ _HEART_SHARE = 0.25  # the heart is looked for only in slices with this much ...
 _HEART_WIDEST_SHARE = 0.5  # ... and found first in its widest slice among those with this much
 _LIVER_CUT = 0.6  # share of the lungs' width, from the right, that the liver may occupy
 _MIN_CONTRAST_HU = 12.0  # soft tissue classes closer than this are not split by HU
+_GAS_HU = -950.0
+_DENSE_BONE_HU = 500.0  # above cancellous bone (about 150-350 HU), below cortex
+_FLUID_HU = (-10.0, 25.0)
+_FLUID_SD_HU = 15.0  # fat-to-muscle edges average into the fluid range too, but vary far more
 _EPS = 1e-9  # keeps float round-off from pushing an exact bin edge into the next bin
 # Face neighbours within a slice only: slices may lie far apart, and some steps are per slice.
 _IN_PLANE = np.zeros((3, 3, 3), bool)
@@ -71,8 +81,8 @@ class ModelInput:
     ----------
     image:
         float32 ``[CHANNELS, *GRID]`` in [0, 1]: the region through each of `WINDOWS`, its cells'
-        highest and lowest HU through them (`EXTREMES`), then its `MASK_CHANNELS` and
-        `HOLE_CHANNELS` (0 or 1).
+        highest and lowest HU through them (`EXTREMES`), then its `MASK_CHANNELS`,
+        `HOLE_CHANNELS` and `DENSITY_CHANNELS` (0 or 1).
     grid_spacing_mm:
         Millimetres per grid cell along k, r and c.
     regions:
@@ -122,7 +132,7 @@ def prepare(hu: np.ndarray, spacing_mm: tuple[float, float, float],
     masks = region_masks(grid_hu, grid_spacing)
     regions = {name: pool_to_tokens(mask) for name, mask in masks.items()}
     holes = [ndimage.binary_fill_holes(masks[name], structure=_IN_PLANE) & ~masks[name] for name in HOLE_CHANNELS]
-    anatomy = np.stack([masks[name] for name in MASK_CHANNELS] + holes).astype(np.float32)
+    anatomy = np.stack([masks[name] for name in MASK_CHANNELS] + holes + density_masks(grid_hu, masks)).astype(np.float32)
     highest, lowest = cell_extremes(hu, extent)
     image = np.concatenate([window(grid_hu), window(highest), window(lowest), anatomy])
     return ModelInput(image, grid_spacing, regions, extent)  # type: ignore[arg-type]
@@ -205,6 +215,19 @@ def region_masks(grid_hu: np.ndarray, grid_spacing_mm: Sequence[float]) -> dict[
     # The heart sits on the liver's dome; a ring of cells keeps the two apart.
     heart = _heart(smooth, body & ~ndimage.binary_dilation(liver, _IN_PLANE), lung, bone, share)
     return {"lung": lung, "pleura": pleura, "heart": heart, "liver": liver, "bone": bone, "body": body}
+
+
+def density_masks(grid_hu: np.ndarray, masks: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """The `DENSITY_CHANNELS` of ``grid_hu``, given its `region_masks`: bool arrays of its shape."""
+    gas = masks["lung"] & (grid_hu < _GAS_HU)
+    # Cancellous bone's holes that are dense: a cortex borders the marrow, an island lies inside it.
+    cancellous = masks["bone"] & (grid_hu < _DENSE_BONE_HU)
+    island = ndimage.binary_fill_holes(cancellous, structure=_IN_PLANE) & (grid_hu >= _DENSE_BONE_HU)
+    mean = ndimage.uniform_filter(grid_hu, size=(1, 3, 3))
+    variance = ndimage.uniform_filter(grid_hu * grid_hu, size=(1, 3, 3)) - mean * mean
+    fluid = ((mean > _FLUID_HU[0]) & (mean < _FLUID_HU[1]) & (variance < _FLUID_SD_HU ** 2)
+             & masks["body"] & ~masks["lung"])
+    return [gas, island, fluid]
 
 
 def pool_to_tokens(mask: np.ndarray) -> np.ndarray:

@@ -53,7 +53,7 @@ DETECT_UNTIL = 0.2
 SOFT_FROM, HARD_FROM, FLIP_FROM = 0.45, 0.65, 0.8
 # Steps of the soft and hard phases that run without pruning, so the model still reads every token
 # well: scheduling off must stay a fair baseline, not a mode the model has forgotten.
-UNPRUNED_SHARE = 0.2
+UNPRUNED_SHARE = 0.4
 NORMAL_SHARE = 0.15  # extra all-normal phantoms, so "normal" is well learnt
 CROP_SHARE = 0.6  # volumes that also yield a zoomed crop example
 CORRUPT_SHARE = 0.15
@@ -411,13 +411,22 @@ def train(out: Path, steps: int, device: str = "cpu", time_limit_s: float | None
     started = time.time()
     seen = 0
     step = 0
-    progress = 0.0
-    while progress < 1.0:
+
+    def facts() -> dict:
+        """What the run has done so far and what it started from, for every checkpoint it writes."""
+        done = {"steps": step, "volumes_rendered": seen, "wall_time_s": round(time.time() - started, 1),
+                "device": _device_name(dev), "machine": platform.platform(), "train_seeds_from": TRAIN_SEED_BASE,
+                "validation_seeds": [VALIDATION_SEEDS.start, VALIDATION_SEEDS.stop - 1]}
+        if init is not None:
+            earlier = init_meta.get("training", {})
+            done["started_from"] = {k: earlier.get(k) for k in ("steps", "wall_time_s", "device", "started_from")}
+        return done
+
+    while (progress := max(step / steps, (time.time() - started) / time_limit_s if time_limit_s else 0.0)) < 1.0:
         for _ in range(NEW_VOLUMES_PER_STEP if replay else VOLUMES_PER_STEP):
             replay.append(next(loader))
             seen += 1
         examples = rng.sample(list(replay), min(VOLUMES_PER_STEP, len(replay)))
-        progress = max(step / steps, (time.time() - started) / time_limit_s if time_limit_s else 0.0)
         phase = _phase(progress, detect_until)
         if phase in ("soft", "hard") and rng.random() < UNPRUNED_SHARE:
             phase = "off"
@@ -433,27 +442,20 @@ def train(out: Path, steps: int, device: str = "cpu", time_limit_s: float | None
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         step += 1
-        if step % 25 == 0 or progress >= 1.0:
+        if step % 25 == 0:
             record = {"step": step, "progress": round(progress, 4), "phase": phase, "volumes": seen,
                       "elapsed_s": round(time.time() - started, 1),
                       **{k: round(float(v.detach()), 4) for k, v in losses.items()}}
-            if step % 100 == 0 or progress >= 1.0:
+            if step % 100 == 0:
                 record["validation"] = evaluate_loss(model, tokenizer, validation, dev, phase)
-                save_checkpoint(model, out / "demo", {"partial": True, "step": step, "progress": progress})
+                save_checkpoint(model, out / "demo", {"partial": True, "progress": round(progress, 4),
+                                                      "training": facts()})
             log_file.write(json.dumps(record) + "\n")
             log_file.flush()
             log(json.dumps(record))
-    wall = time.time() - started
-    final = evaluate_loss(model, tokenizer, validation, dev, "hard")
-    info = {
-        "tokenizer": {"bins": tokenizer.bins, "size": len(tokenizer)},
-        "training": {"steps": step, "volumes_rendered": seen, "wall_time_s": round(wall, 1), "device": _device_name(dev),
-                     "machine": platform.platform(), "train_seeds_from": TRAIN_SEED_BASE,
-                     "validation_seeds": [VALIDATION_SEEDS.start, VALIDATION_SEEDS.stop - 1], "final_validation": final},
-    }
-    if init is not None:
-        earlier = init_meta.get("training", {})
-        info["training"]["started_from"] = {k: earlier.get(k) for k in ("steps", "wall_time_s", "device", "started_from")}
+    done = facts()
+    info = {"tokenizer": {"bins": tokenizer.bins, "size": len(tokenizer)},
+            "training": {**done, "final_validation": evaluate_loss(model, tokenizer, validation, dev, "hard")}}
     save_checkpoint(model, out / "demo", info)
     (out / "MODEL_CARD.md").write_text(model_card(info))
     return info
@@ -469,7 +471,8 @@ def model_card(info: dict, evaluation: str | None = None) -> str:
         "",
         "A small 3D vision-language model (strided convolutional stem and transformer encoder over a 32x128x128",
         "grid with lung, mediastinal and bone windows of each cell's trilinear sample, highest and lowest HU, five",
-        "HU-based anatomy masks and the holes in three of them, 512 visual tokens, dense finding maps, one per finding type, at",
+        "HU-based anatomy masks, the holes in three of them and three density classes (gas, dense bone islands,",
+        "fluid), 512 visual tokens, dense finding maps, one per finding type, at",
         "32x64x64; decoder with Photon token scheduling at a quarter of its depth, visual keys and values shared",
         "by every prompt of a volume) that writes topic-organized findings with boxes and answers questions",
         "about Readout's synthetic chest CT phantoms.",
@@ -479,6 +482,7 @@ def model_card(info: dict, evaluation: str | None = None) -> str:
         f"{t['validation_seeds'][0]}-{t['validation_seeds'][1]}, evaluation 9001-9999) |",
         f"| steps | {t['steps']} ({t['volumes_rendered']} phantoms rendered) |",
         f"| wall time | {t['wall_time_s']} s |",
+        *([f"| this run | {t['note']} |"] if "note" in t else []),
         *([f"| started from | an earlier run's weights: {json.dumps(t['started_from'])} |"] if "started_from" in t else []),
         f"| device | {t['device']} |",
         f"| machine | {t['machine']} |",

@@ -12,6 +12,7 @@ from engines.phantom import ANATOMY_LABELS, Phantom, render_phantom
 from engines.preprocess import (
     BINS,
     CHANNELS,
+    DENSITY_CHANNELS,
     EXTREMES,
     GRID,
     HOLE_CHANNELS,
@@ -24,6 +25,7 @@ from engines.preprocess import (
     box_to_bins,
     cell_extremes,
     crop_extent,
+    density_masks,
     prepare,
     region_masks,
     resample_to_grid,
@@ -248,7 +250,7 @@ def test_anatomy_masks_follow_the_windows_as_channels() -> None:
     image = prepare(phantom.hu, spacing).image
     assert image.shape == (CHANNELS, *GRID)
     intensity = len(WINDOWS) * (1 + len(EXTREMES))
-    assert CHANNELS == intensity + len(MASK_CHANNELS) + len(HOLE_CHANNELS)
+    assert CHANNELS == intensity + len(MASK_CHANNELS) + len(HOLE_CHANNELS) + len(DENSITY_CHANNELS)
     for channel, name in zip(image[intensity:], MASK_CHANNELS):
         np.testing.assert_array_equal(channel, masks[name].astype(np.float32), err_msg=name)
         assert channel.any(), name
@@ -260,6 +262,47 @@ def test_anatomy_masks_follow_the_windows_as_channels() -> None:
     for kind, name in (("mass", "lung"), ("lytic lesion", "bone")):
         lesion = _label_on_grid(phantom, phantom.finding_map == types.index(kind) + 1)
         assert (lesion & holes[name]).sum() > 0.5 * lesion.sum() > 0, kind
+    grid_hu = resample_to_grid(phantom.hu, (0, 0, 0, *phantom.hu.shape))
+    np.testing.assert_array_equal(image[-len(DENSITY_CHANNELS):].astype(bool), density_masks(grid_hu, masks))
+
+
+def test_density_masks_mark_gas_dense_islands_and_fluid() -> None:
+    hu = np.full((2, 40, 40), 40.0, np.float32)  # soft tissue
+    hu[:, 38:] = -100.0  # fat: its edge with the soft tissue averages to water density
+    lung = np.zeros(hu.shape, bool)
+    lung[:, 2:18, 2:18] = True
+    hu[lung] = -850.0
+    hu[:, 5:8, 5:8] = -1000.0  # a pneumothorax's gas
+    bone = np.zeros(hu.shape, bool)
+    bone[:, 22:36, 22:36] = True
+    hu[bone] = 1000.0  # cortex round ...
+    hu[:, 23:35, 23:35] = 300.0  # ... cancellous bone, with a sclerotic island
+    hu[:, 28:30, 28:30] = 900.0
+    hu[:, 22:36, 2:16] = 10.0  # an effusion
+    masks = {"lung": lung, "bone": bone, "body": np.ones(hu.shape, bool)}
+    gas, island, fluid = density_masks(hu, masks)
+    np.testing.assert_array_equal(np.argwhere(gas[0]).min(0), (5, 5))
+    assert gas.sum() == 2 * 9 and island.sum() == 2 * 4
+    assert island[:, 28:30, 28:30].all() and not island[:, 22].any()  # the island, not the cortex
+    assert fluid[:, 23:35, 3:15].all()  # the effusion inside its rim
+    assert not fluid[:, 37:].any()  # the fat edge varies too much
+    assert not fluid[:, 2:18, 2:18].any() and not fluid[:, :, 20:].any()  # lung, soft tissue, bone
+
+
+def test_density_masks_show_a_phantoms_pneumothorax_sclerotic_lesion_and_pericardial_effusion() -> None:
+    phantom = render_phantom(2, findings={"pleura": ["pneumothorax"], "bones": ["sclerotic lesion"],
+                                          "heart": ["pericardial effusion"]})
+    extent = (0, 0, 0, *phantom.hu.shape)
+    grid_hu = resample_to_grid(phantom.hu, extent)
+    spacing = (phantom.slice_spacing_mm, phantom.pixel_spacing_mm, phantom.pixel_spacing_mm)
+    masks = region_masks(grid_hu, tuple(n * s / g for n, s, g in zip(phantom.hu.shape, spacing, GRID)))
+    gas, island, fluid = density_masks(grid_hu, masks)
+    types = [f.type for t in phantom.truth.topics for f in t.findings]
+    lesion = {kind: _label_on_grid(phantom, phantom.finding_map == types.index(kind) + 1) for kind in types}
+    assert (gas & lesion["pneumothorax"]).sum() > 0.8 * lesion["pneumothorax"].sum() > 0
+    assert not (gas & ~lesion["pneumothorax"]).any()  # aerated lung lies above -950 HU
+    assert (island & lesion["sclerotic lesion"]).sum() == lesion["sclerotic lesion"].sum() > 0
+    assert (fluid & lesion["pericardial effusion"]).sum() > 0.4 * lesion["pericardial effusion"].sum() > 0
 
 
 def test_cell_extremes_keep_a_single_voxel_that_trilinear_samples_miss() -> None:
