@@ -132,9 +132,9 @@ def prepare(hu: np.ndarray, spacing_mm: tuple[float, float, float],
     masks = region_masks(grid_hu, grid_spacing)
     regions = {name: pool_to_tokens(mask) for name, mask in masks.items()}
     holes = [ndimage.binary_fill_holes(masks[name], structure=_IN_PLANE) & ~masks[name] for name in HOLE_CHANNELS]
-    anatomy = np.stack([masks[name] for name in MASK_CHANNELS] + holes + density_masks(grid_hu, masks)).astype(np.float32)
+    anatomy = [masks[name] for name in MASK_CHANNELS] + holes + density_masks(grid_hu, masks)
     highest, lowest = cell_extremes(hu, extent)
-    image = np.concatenate([window(grid_hu), window(highest), window(lowest), anatomy])
+    image = np.concatenate([window(grid_hu), window(highest), window(lowest), np.stack(anatomy).astype(np.float32)])
     return ModelInput(image, grid_spacing, regions, extent)  # type: ignore[arg-type]
 
 
