@@ -107,3 +107,15 @@ def snap_box(box: tuple[int, ...], candidates: list[MapCandidate]) -> tuple[int,
 
     nearest = min((c.box for c in candidates), key=distance, default=None)
     return nearest if nearest is not None and distance(nearest) <= REACH else box
+
+
+def map_peak(probability: np.ndarray, kind: str, box: tuple[int, ...]) -> float:
+    """The highest probability of ``kind``'s finding map [`MAP_TYPES`, D, H, W] inside a half-open
+    bin box: whether the encoder's own detector sees that finding there (0 for a type without a map)."""
+    if kind not in MAP_TYPES:
+        return 0.0
+    grid = probability.shape[1:]
+    # Every cell the box touches, at least one per axis.
+    cells = tuple(slice(box[a] * grid[a] // BINS, max(box[a] * grid[a] // BINS + 1, -(-box[a + 3] * grid[a] // BINS)))
+                  for a in range(3))
+    return float(probability[MAP_TYPES.index(kind)][cells].max())

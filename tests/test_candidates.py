@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from engines.candidates import LIMIT, REACH, TOKENS, MapCandidate, candidate_boxes, map_candidates, snap_box, type_token, with_candidates
+from engines.candidates import (LIMIT, REACH, TOKENS, MapCandidate, candidate_boxes, map_candidates, map_peak, snap_box,
+                                type_token, with_candidates)
 from engines.preprocess import BINS, FINDING_GRID
 from engines.prompts import MAP_TOPICS, MAP_TYPES
 from engines.tokenizer import Tokenizer
@@ -91,3 +92,19 @@ def test_a_decoded_box_snaps_to_the_region_it_points_at():
     assert snap_box((38, 38, 38, 40, 40, 40), regions) == boxes[1]
     far = (45, 45, 45, 46, 46, 46)  # 3.4 and 3.05 sizes away
     assert snap_box(far, regions) == far and snap_box(far, []) == far
+
+
+def test_map_peak_reads_the_types_map_over_every_cell_the_box_touches():
+    probability = np.zeros((len(MAP_TYPES), *FINDING_GRID), dtype=np.float32)
+    scale = [BINS // n for n in FINDING_GRID]
+    nodule = MAP_TYPES.index("nodule")
+    probability[nodule, 10, 20, 30] = 0.9
+    probability[MAP_TYPES.index("mass"), 10, 20, 30] = 0.4
+    # A box thinner than a cell, inside cell (10, 20, 30): that cell still counts.
+    inside = (10 * scale[0], 20 * scale[1], 30 * scale[2], 10 * scale[0] + 1, 20 * scale[1] + 1, 30 * scale[2] + 1)
+    assert map_peak(probability, "nodule", inside) == np.float32(0.9)
+    assert map_peak(probability, "mass", inside) == np.float32(0.4)
+    # A box that ends where the cell starts does not touch it.
+    before = (0, 0, 0, 10 * scale[0], BINS, BINS)
+    assert map_peak(probability, "nodule", before) == 0.0
+    assert map_peak(probability, "lesion", inside) == 0.0  # no map for a type the reports do not name

@@ -5,13 +5,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from dicom_sr.conformance import dciodvfy_errors, dsrdump_errors
 from engines.checkpoint import CheckpointError, load_checkpoint
 from engines.phantom import render_phantom
 from engines.registry import EngineError, create_engine
-from engines.report import ReadRequest
+from engines.grounding import Candidate
+from engines.preprocess import BINS, FINDING_GRID, prepare
+from engines.prompts import MAP_TYPES
+from engines.report import MAP_CONFIRM, ReadRequest, Sampled
 from engines.results import StudyResult
 from orthanc_plugin.cli import main
 from tests.data.record_demo_reference import greedy_read
@@ -67,11 +71,34 @@ def test_boxes_the_finding_map_grounded_are_not_relooked():
             assert not f.extra["regrounded"] and list(f.box.voxel) == f.extra["box_before_regrounding"]
 
 
+def test_a_finding_needs_two_rollouts_and_its_finding_map():
+    engine = create_engine("demo")
+    phantom = render_phantom(22, normal=True)
+    spacing = (phantom.slice_spacing_mm, phantom.pixel_spacing_mm, phantom.pixel_spacing_mm)
+    request = ReadRequest(topics=("lungs",), questions=(), reground=False)
+    box = (20, 20, 20, 26, 28, 28)
+    probability = np.zeros((len(MAP_TYPES), *FINDING_GRID), dtype=np.float32)
+    grid = [slice(box[a] * FINDING_GRID[a] // BINS, box[a + 3] * FINDING_GRID[a] // BINS) for a in range(3)]
+    probability[(MAP_TYPES.index("nodule"), *grid)] = MAP_CONFIRM + 0.05
+
+    def found(rollouts: int, kind: str) -> list:
+        stated = [Candidate(r, kind, f"A {kind} in the right upper lobe.", box, 0.1, True) for r in range(rollouts)]
+        sampled = Sampled(prepare(phantom.hu, spacing), phantom.hu.shape, {"lungs": stated}, {"lungs": []}, {},
+                          {"lungs": 0.3}, probability)
+        topics, _ = engine.assemble(sampled, phantom.hu, spacing, request)
+        return topics[0].findings
+
+    [nodule] = found(2, "nodule")
+    assert nodule.extra["agreement"] == 0.4 and nodule.extra["map_probability"] == pytest.approx(MAP_CONFIRM + 0.05)
+    assert found(1, "nodule") == []  # one rollout of five is no consensus
+    assert found(5, "mass") == []  # every rollout, but the mass map sees nothing there
+
+
 @pytest.mark.slow
 def test_readout_run_writes_findings_sr_seg_and_key_images(make_phantom_study, tmp_path, capsys):
     study = make_phantom_study(9005, {"lungs": ["mass"], "pleura": ["pleural effusion"], "heart": ["cardiomegaly"],
                                       "liver": [], "bones": []})
-    # One sampled rollout per prompt: every sampled finding survives, so the SEG and PNG paths run.
+    # One sampled rollout per prompt: every sampled finding its map confirms survives, so the SEG and PNG paths run.
     code = main(["run", str(study / "dicom"), "--out", str(tmp_path), "--rollouts", "1",
                  "--question", "Is there a pleural effusion?"])
     assert code == 0
