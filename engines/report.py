@@ -4,8 +4,9 @@ One encoded volume serves every prompt; topics and questions run as one batch of
 (prompts x rollouts) sequences. Each topic is generated from the image and its own prompt only,
 never from another topic's text. A finding stands when at least two of the sampled rollouts
 agree on it (MedVR's consensus gives its box) and the encoder's finding map of its type confirms
-it inside that box; a box whose coordinate tokens were uncertain (high entropy) gets a zoomed re-look: the region is
-cropped, re-encoded at the model's full grid resolution and the topic asked again.
+it inside that box; a box whose coordinate tokens were uncertain (high entropy) gets a zoomed
+re-look: the region is cropped, re-encoded at the model's full grid resolution and the topic asked
+again.
 """
 
 from __future__ import annotations
@@ -223,7 +224,8 @@ class DemoEngine:
 
     def assemble(self, sampled: Sampled, volume_hu: np.ndarray, spacing_mm, request: ReadRequest,
                  rollouts: int | None = None) -> tuple[list[TopicResult], list[Answer]]:
-        """Consensus findings per topic (using the first ``rollouts`` rollouts), regrounded, as results."""
+        """Consensus findings per topic (using the first ``rollouts`` rollouts) that the finding maps
+        confirm, regrounded, as results."""
         n = rollouts or request.rollouts
         shape, extent = sampled.shape, sampled.model_input.extent
         agreed: list[tuple[str, ConsensusFinding]] = []
