@@ -82,6 +82,7 @@ class Sampled:
     kept_ratio: dict[str, float]  # per prompt
     finding_probability: np.ndarray  # the volume's finding maps [MAP_TYPES, D, H, W]
     timings: dict[str, float] = field(default_factory=dict)
+    decode_steps: int = 0  # tokens decoded per row (the longest answer sets it for the batch)
 
 
 def finding_type(text: str) -> str:
@@ -188,7 +189,7 @@ class DemoEngine:
         return Sampled(inp, volume_hu.shape, candidates, normal_texts, answers,
                        {name: float(kept[i]) for i, name in enumerate(names)},
                        torch.sigmoid(visual.finding_logits[0].float()).cpu().numpy(),
-                       {"encode_s": encode_s, **timings})
+                       {"encode_s": encode_s, **timings}, out.tokens.shape[1])
 
     # --- grounding -------------------------------------------------------------------------
 

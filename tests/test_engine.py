@@ -17,6 +17,7 @@ from engines.preprocess import BINS, FINDING_GRID, prepare
 from engines.prompts import MAP_TYPES
 from engines.report import MAP_CONFIRM, ReadRequest, Sampled
 from engines.results import StudyResult
+from engines.tokenizer import MAX_ANSWER_TOKENS
 from orthanc_plugin.cli import main
 from tests.data.record_demo_reference import greedy_read
 
@@ -69,6 +70,19 @@ def test_boxes_the_finding_map_grounded_are_not_relooked():
     for f in findings:
         if f.extra["box_from_map"]:
             assert not f.extra["regrounded"] and list(f.box.voxel) == f.extra["box_before_regrounding"]
+
+
+def test_a_read_counts_the_steps_it_decoded():
+    """bench/engine.py divides decode time by them: reads of different answer lengths then compare."""
+    engine = create_engine("demo")
+    phantom = render_phantom(9003, findings={"lungs": ["mass"], "pleura": [], "heart": [], "liver": [], "bones": []})
+    spacing = (phantom.slice_spacing_mm, phantom.pixel_spacing_mm, phantom.pixel_spacing_mm)
+    yes_no = ReadRequest(topics=(), questions=("Is there a pleural effusion?",), rollouts=2, temperature=0.0)
+    report = ReadRequest(topics=("lungs",), questions=(), rollouts=2, temperature=0.0)
+    short = engine.sample(phantom.hu, spacing, yes_no).decode_steps
+    long = engine.sample(phantom.hu, spacing, report).decode_steps
+    # A yes or no and its end; a sentence, six coordinates and the end.
+    assert 2 <= short < 8 < long <= MAX_ANSWER_TOKENS
 
 
 def test_a_finding_needs_two_rollouts_and_its_finding_map():
