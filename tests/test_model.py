@@ -11,7 +11,7 @@ import torch
 
 from engines import training
 from engines.decoding import generate
-from engines.model import ModelConfig, ReadoutVLM
+from engines.model import LESION_TYPES, ModelConfig, ReadoutVLM
 from engines.preprocess import CHANNELS, GRID
 from engines.tokenizer import Tokenizer
 
@@ -104,10 +104,11 @@ def test_detect_phase_trains_only_the_encoder_and_its_finding_maps(model, tokeni
     batch = training.collate([training.make_example(10_000_000, tokenizer)], torch.device("cpu"))
     model.train()
     losses = training._losses(model, tokenizer, batch, "detect", flip=False)
-    assert set(losses) == {"finding_map", "presence"}
+    assert set(losses) == {"finding_map", "presence", "each_finding"}
     losses["finding_map"].backward()
     assert model.stem[0].weight.grad.abs().sum() > 0 and model.finding_head.weight.grad.abs().sum() > 0
     assert model.finding_refine[-1].weight.grad.abs().sum() > 0 and model.finding_fine[-1].weight.grad.abs().sum() > 0
+    assert model.finding_lesions[-1].weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in model.decoder.parameters())
     assert training._phase(0.0) == "detect" and training._phase(training.DETECT_UNTIL) == "off"
 
@@ -143,8 +144,10 @@ def test_every_finding_marks_its_types_map_even_a_small_bone_lesion():
     spacing = (phantom.slice_spacing_mm, phantom.pixel_spacing_mm, phantom.pixel_spacing_mm)
     maps = training.finding_maps(phantom, prepare(phantom.hu, spacing).extent)
     lytic = maps[MAP_TYPES.index("lytic lesion")]
-    assert lytic.sum() >= 1 and maps[MAP_TYPES.index("sclerotic lesion")].sum() == 0
-    assert maps[MAP_TYPES.index("nodule")].sum() >= 1
+    assert (lytic > 0).sum() >= 1 and maps[MAP_TYPES.index("sclerotic lesion")].sum() == 0
+    # Each finding's cells carry its own number.
+    nodule = maps[MAP_TYPES.index("nodule")]
+    assert (nodule > 0).sum() >= 1 and len(set(np.unique(nodule)) | set(np.unique(lytic))) == 3
     # Its cells cover the lesion's centre (the finding grid halves the 32x128x128 grid in-plane).
     box = phantom.truth.topics[TOPICS.index("bones")].findings[0].box.voxel
     cells = np.argwhere(lytic)
@@ -170,6 +173,41 @@ def test_presence_loss_charges_a_map_that_fires_where_its_finding_is_absent():
     firing = quiet.clone()
     firing[1, 2, 0, 0, 0] = 20.0  # a single firing cell in a volume without the finding
     assert training.presence_loss(firing, target).item() > 1.0
+
+
+def test_lesion_read_out_moves_only_the_lung_lesion_maps(model, tokenizer):
+    from engines.prompts import MAP_TYPES
+
+    image, spacing, _, _ = _inputs(tokenizer, n_volumes=1)
+    model.eval()
+    with torch.no_grad():
+        before = model.encode(image, spacing).finding_logits
+        last = model.finding_lesions[-1]
+        saved = last.bias.clone()
+        last.bias.fill_(5.0)
+        after = model.encode(image, spacing).finding_logits
+        last.bias.copy_(saved)
+    moved = sorted(MAP_TYPES[i] for i in range(len(MAP_TYPES)) if not torch.equal(before[:, i], after[:, i]))
+    assert moved == sorted(LESION_TYPES)
+    assert torch.allclose(after[:, model.config.lesion_maps], before[:, model.config.lesion_maps] + 5.0, atol=1e-4)
+
+
+def test_each_finding_loss_wants_every_finding_seen_not_just_the_strongest():
+    numbers = torch.zeros(1, 2, 4, 4, 4, dtype=torch.uint8)
+    numbers[0, 0, 0, 0, 0] = 1  # a small finding ...
+    numbers[0, 0, 2:4, 2:4, 2:4] = 2  # ... and a large one of the same type
+    logits = torch.full(numbers.shape, -20.0, requires_grad=True)
+    with torch.no_grad():
+        logits[0, 0, 3, 3, 3] = 20.0  # only the large one seen: the per-type presence term is content
+    assert training.presence_loss(logits, (numbers > 0).float()).item() < 1e-3
+    loss = training.each_finding_loss(logits, numbers)
+    assert loss.item() > 9.0  # half of softplus(20): the small finding is missed
+    loss.backward()
+    assert logits.grad[0, 0, 0, 0, 0] < 0 and logits.grad[0, 1].abs().sum() == 0
+    seen = logits.detach().clone()
+    seen[0, 0, 0, 0, 0] = 20.0
+    assert training.each_finding_loss(seen, numbers).item() < 1e-3
+    assert training.each_finding_loss(seen, torch.zeros_like(numbers)).item() == 0
 
 
 def test_topics_are_generated_independently(model, tokenizer):

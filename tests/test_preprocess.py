@@ -11,6 +11,7 @@ import torch
 from engines.phantom import ANATOMY_LABELS, Phantom, render_phantom
 from engines.preprocess import (
     BINS,
+    BLOB_CHANNELS,
     CHANNELS,
     DENSITY_CHANNELS,
     EXTREMES,
@@ -22,6 +23,7 @@ from engines.preprocess import (
     TOPIC_REGIONS,
     WINDOWS,
     bins_to_box,
+    blob_channels,
     box_to_bins,
     cell_extremes,
     crop_extent,
@@ -250,7 +252,7 @@ def test_anatomy_masks_follow_the_windows_as_channels() -> None:
     image = prepare(phantom.hu, spacing).image
     assert image.shape == (CHANNELS, *GRID)
     intensity = len(WINDOWS) * (1 + len(EXTREMES))
-    assert CHANNELS == intensity + len(MASK_CHANNELS) + len(HOLE_CHANNELS) + len(DENSITY_CHANNELS)
+    assert CHANNELS == intensity + len(MASK_CHANNELS) + len(HOLE_CHANNELS) + len(DENSITY_CHANNELS) + len(BLOB_CHANNELS)
     for channel, name in zip(image[intensity:], MASK_CHANNELS):
         np.testing.assert_array_equal(channel, masks[name].astype(np.float32), err_msg=name)
         assert channel.any(), name
@@ -263,7 +265,48 @@ def test_anatomy_masks_follow_the_windows_as_channels() -> None:
         lesion = _label_on_grid(phantom, phantom.finding_map == types.index(kind) + 1)
         assert (lesion & holes[name]).sum() > 0.5 * lesion.sum() > 0, kind
     grid_hu = resample_to_grid(phantom.hu, (0, 0, 0, *phantom.hu.shape))
-    np.testing.assert_array_equal(image[-len(DENSITY_CHANNELS):].astype(bool), density_masks(grid_hu, masks))
+    densities = image[-len(DENSITY_CHANNELS) - len(BLOB_CHANNELS):-len(BLOB_CHANNELS)]
+    np.testing.assert_array_equal(densities.astype(bool), density_masks(grid_hu, masks))
+    np.testing.assert_array_equal(image[-len(BLOB_CHANNELS):], blob_channels(phantom.hu, spacing, (0, 0, 0, *phantom.hu.shape)))
+
+
+def _ball(shape: tuple[int, int, int], spacing: tuple[float, float, float], centre_mm, radius_mm: float) -> np.ndarray:
+    axes = np.meshgrid(*[(np.arange(n) + 0.5) * s - c for n, s, c in zip(shape, spacing, centre_mm)], indexing="ij")
+    return sum(a * a for a in axes) <= radius_mm ** 2
+
+
+def test_blob_channels_light_a_ball_and_not_a_tube_of_the_same_width() -> None:
+    shape, spacing = (40, 160, 160), (2.5, 0.8, 0.8)
+    hu = np.full(shape, -850.0, np.float32)  # aerated lung
+    hu[_ball(shape, spacing, (50, 40, 40), 5.0)] = 40.0  # a 10-mm nodule
+    k, r, c = np.meshgrid(*[(np.arange(n) + 0.5) * s for n, s in zip(shape, spacing)], indexing="ij")
+    hu[(r - 90) ** 2 + (c - 90) ** 2 <= 25.0] = 40.0  # a vessel of the same width along k
+    hu[20:30, 100:140, 10:40] = 300.0  # cancellous bone, with a dark 8-mm lytic and a dense 8-mm sclerotic lesion
+    hu[_ball(shape, spacing, (62.5, 88, 18), 4.0)] = 30.0
+    hu[_ball(shape, spacing, (62.5, 100, 24), 4.0)] = 900.0
+    spots = blob_channels(hu, spacing, (0, 0, 0, *shape))
+    assert spots.shape == (len(BLOB_CHANNELS), *GRID) and spots.dtype == np.float32
+    assert 0.0 <= spots.min() and spots.max() <= 1.0
+    bright, dark, dense = spots
+    cell = lambda mm: tuple(int(m / s / n * g) for m, s, n, g in zip(mm, spacing, shape, GRID))  # noqa: E731
+    nodule, vessel, lytic, sclerotic = cell((50, 40, 40)), cell((50, 90, 90)), cell((62.5, 88, 18)), cell((62.5, 100, 24))
+    assert bright[nodule] == bright.max() > 0.2
+    assert bright[vessel] < 0.2 * bright[nodule]
+    assert dark[lytic] == dark.max() > 0.2
+    assert dense[sclerotic] == dense.max() > 0.2
+
+
+def test_blob_channels_of_a_crop_match_the_whole_volumes_there_and_read_nothing_outside() -> None:
+    shape, spacing = (40, 160, 160), (2.5, 0.8, 0.8)
+    hu = np.full(shape, -850.0, np.float32)
+    hu[_ball(shape, spacing, (50, 40, 40), 5.0)] = 40.0
+    whole = blob_channels(hu, spacing, (0, 0, 0, *shape))
+    # A crop of a quarter per axis, aligned to the grid: its cells are the whole grid's cells
+    # split four ways per axis, so their highest is the whole grid cell's.
+    crop = (16, 32, 32, 26, 72, 72)
+    part = blob_channels(hu, spacing, crop)
+    assert part[0].max() == pytest.approx(whole[0].max(), rel=0.05)
+    assert not blob_channels(hu, spacing, (50, 0, 0, 60, 160, 160)).any()  # past the last slice
 
 
 def test_density_masks_mark_gas_dense_islands_and_fluid() -> None:
