@@ -45,6 +45,17 @@ NORMAL_SENTENCES: dict[str, str] = {
     "bones": "No focal bone lesion.",
 }
 
+# A lung lesion this long or longer is a mass, a shorter one a nodule (the Fleischner Society's
+# glossary draws the line at 3 cm).
+MASS_MIN_MM = 30
+
+
+def lung_lesion_sentence(kind: str, size_mm: int, lobe: str | None) -> str:
+    """The report's sentence for a lung nodule or mass of ``size_mm`` in ``lobe`` (if known)."""
+    what = "solid nodule" if kind == "nodule" else "mass"
+    return f"{size_mm} mm {what} in the {lobe}." if lobe else f"{size_mm} mm {what}."
+
+
 # Organ regions, not findings: a nodule keeps the lung label, pleural fluid or air the lung
 # label of its hemithorax, pericardial fluid the pericardium label (the sac around the heart).
 ANATOMY_LABELS: dict[str, int] = {
@@ -1040,7 +1051,7 @@ def _blob_shape(rng: np.random.Generator, least: float) -> np.ndarray:
 def _lung_lesion(p: _Painter, anatomy: _Anatomy, kind: str, number: int, boxes: list[tuple[int, ...]],
                  rng: np.random.Generator) -> Finding:
     """A solid nodule (4-29 mm) or mass (30-50 mm), wholly inside one lung."""
-    low, high = (4, 29) if kind == "nodule" else (30, 50)
+    low, high = (4, MASS_MIN_MM - 1) if kind == "nodule" else (MASS_MIN_MM, 50)
     size, shape, hu = int(rng.integers(low, high + 1)), _blob_shape(rng, 0.8), _draw_hu(rng, kind)
 
     def sample() -> np.ndarray | None:
@@ -1053,8 +1064,7 @@ def _lung_lesion(p: _Painter, anatomy: _Anatomy, kind: str, number: int, boxes: 
     sl, mask, centre, size = _place_blob(p, rng, boxes, kind, size, low, shape, sample, fits)
     side = "right" if centre[0] < 0 else "left"
     lobe = _lung_lobe(anatomy.lungs[side], side, centre)
-    text = f"{size} mm solid nodule in the {lobe}." if kind == "nodule" else f"{size} mm mass in the {lobe}."
-    return Finding(kind, text, float(size), lobe, 1.0, _mark(p, sl, mask, number, hu))
+    return Finding(kind, lung_lesion_sentence(kind, size, lobe), float(size), lobe, 1.0, _mark(p, sl, mask, number, hu))
 
 
 def _lung_lobe(lung: _Region, side: str, point: np.ndarray) -> str:

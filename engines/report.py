@@ -6,7 +6,7 @@ never from another topic's text. A finding stands when at least two of the sampl
 agree on it (MedVR's consensus gives its box) and the encoder's finding map of its type confirms
 it inside that box; a box whose coordinate tokens were uncertain (high entropy) gets a zoomed
 re-look: the region is cropped, re-encoded at the model's full grid resolution and the topic asked
-again.
+again. A lung lesion's size and type (nodule or mass) come from its measurement in the image.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from engines.decoding import Generation, generate
 from engines.errors import EngineError
 from engines.grounding import Candidate, ConsensusFinding, consensus, iou3d, majority_answer, vote_box
 from engines.model import Encoded, ReadoutVLM
-from engines.phantom import NORMAL_SENTENCES, QUESTIONS, TOPICS
+from engines.measure import pleural_air_box, solid_lesion_diameter_mm
+from engines.phantom import FINDING_TYPES, MASS_MIN_MM, NORMAL_SENTENCES, QUESTIONS, TOPICS, lung_lesion_sentence
 from engines.preprocess import BINS, ModelInput, bins_to_box, crop_extent, prepare
 from engines.prompts import FOCAL_TYPES, question_region, region_topic, topic_region
 from engines.results import Answer, Box, EngineInfo, Finding, StudyResult, TopicResult
@@ -99,6 +100,24 @@ def _size_mm(text: str) -> float | None:
     return float(match.group(1)) if match else None
 
 
+def read_finding(text: str, box_voxel: tuple[int, ...], volume_hu: np.ndarray, spacing_mm: Sequence[float],
+                 sizes: dict[tuple[int, ...], float | None]) -> tuple[str, str]:
+    """A decoded finding's type and sentence. A lung lesion's come from its size measured in the
+    image (`solid_lesion_diameter_mm`, kept in ``sizes`` per box): the decoder's stated sizes stray
+    far, and size alone tells a nodule from a mass. Where nothing thicker than a small nodule lies
+    in the box, the decoder's own stand."""
+    kind = finding_type(text)
+    if kind not in FINDING_TYPES["lungs"]:
+        return kind, text
+    if box_voxel not in sizes:
+        sizes[box_voxel] = solid_lesion_diameter_mm(volume_hu, spacing_mm, box_voxel)
+    size = sizes[box_voxel]
+    if size is None:
+        return kind, text
+    kind = "mass" if size >= MASS_MIN_MM else "nodule"
+    return kind, lung_lesion_sentence(kind, round(size), _location(text))
+
+
 def _location(text: str) -> str | None:
     match = re.search(r"in the (.+?)\.?$", text)
     if match:
@@ -170,6 +189,7 @@ class DemoEngine:
         candidates: dict[str, list[Candidate]] = {t: [] for t in request.topics}
         normal_texts: dict[str, list[str]] = {t: [] for t in request.topics}
         answers: dict[str, list] = {q: [] for q in request.questions}
+        sizes: dict[tuple[int, ...], float | None] = {}
         for row in range(len(prompts) * n):
             name, rollout = names[row // n], row % n
             items = self.tokenizer.decode_answer(out.tokens[row].tolist())
@@ -185,7 +205,8 @@ class DemoEngine:
                 entropy = float(np.mean(entropies[6 * boxes : 6 * boxes + 6])) if len(entropies) >= 6 * (boxes + 1) else 0.0
                 boxes += 1
                 snapped = snap_box(box, found[row // n])
-                candidates[name].append(Candidate(rollout, finding_type(text), text, snapped, entropy, snapped != box))
+                kind, text = read_finding(text, bins_to_box(snapped, inp.extent, volume_hu.shape), volume_hu, spacing_mm, sizes)
+                candidates[name].append(Candidate(rollout, kind, text, snapped, entropy, snapped != box))
         return Sampled(inp, volume_hu.shape, candidates, normal_texts, answers,
                        {name: float(kept[i]) for i, name in enumerate(names)},
                        torch.sigmoid(visual.finding_logits[0].float()).cpu().numpy(),
@@ -211,12 +232,15 @@ class DemoEngine:
         out, _, _, _ = self._run(visual, torch.arange(len(targets), device=self.device), inputs, regions, prompts, 1, 0.0,
                               True, 0)
         refined: list[tuple[int, ...] | None] = []
+        sizes: dict[tuple[int, ...], float | None] = {}
         for row, ((_, kind, box), extent) in enumerate(zip(targets, crops)):
             best, best_iou = None, 0.0
             for text, bins in self.tokenizer.decode_answer(out.tokens[row].tolist()):
-                if bins is None or finding_type(text) != kind:
+                if bins is None:
                     continue
                 voxel = bins_to_box(bins, extent, shape)
+                if read_finding(text, voxel, volume_hu, spacing_mm, sizes)[0] != kind:
+                    continue
                 overlap = iou3d(voxel, box)
                 if overlap > best_iou:
                     best, best_iou = voxel, overlap
@@ -239,6 +263,12 @@ class DemoEngine:
                     agreed.append((topic, f))
                     peaks.append(peak)
         voxel = [bins_to_box(f.box, extent, shape) for _, f in agreed]
+        # A pneumothorax's extent is its free air (`pleural_air_box`), of which the map lights only part.
+        from_image = [False] * len(agreed)
+        for i, (_, f) in enumerate(agreed):
+            air = pleural_air_box(volume_hu, voxel[i]) if f.type == "pneumothorax" else None
+            if air is not None:
+                voxel[i], from_image[i] = air, True
         # A box the finding map grounded already has its extent; a zoomed re-look would only blur it.
         from_map = [all(m.from_map for m in f.members) for _, f in agreed]
         relook = [i for i, (_, f) in enumerate(agreed)
@@ -259,7 +289,8 @@ class DemoEngine:
                         confidence=round(f.confidence, 4), box=Box(final[i]),
                         extra={"agreement": round(f.agreement, 4), "mean_iou": round(f.mean_iou, 4),
                                "map_probability": round(peaks[i], 4),
-                               "entropy": round(f.entropy, 4), "box_from_map": from_map[i], "regrounded": regrounded[i],
+                               "entropy": round(f.entropy, 4), "box_from_map": from_map[i],
+                               "box_from_image": from_image[i], "regrounded": regrounded[i],
                                "box_before_regrounding": list(voxel[i])})
                 for i, (t, f) in enumerate(agreed) if t == topic
             ]

@@ -136,6 +136,14 @@ def test_a_rollout_with_two_boxes_in_one_cluster_counts_once() -> None:
     assert all(m.box == A for m in finding.members)
 
 
+def test_a_rollout_repeating_a_finding_does_not_make_a_second_one() -> None:
+    # Rollouts 0-2 each state the same nodule twice (the same snapped box): one finding, not two.
+    candidates = [cand(r, A, 0.1 * r) for r in range(3)] + [cand(r, A, 0.5 + 0.1 * r) for r in range(3)]
+    (finding,) = consensus(candidates, n_rollouts=5, bins=BINS, min_agreement=0.3)
+    assert finding.support == 3
+    assert [m.entropy for m in finding.members] == pytest.approx([0.0, 0.1, 0.2])  # the surer statement stays
+
+
 def test_consensus_ignores_input_order() -> None:
     candidates = [cand(0, A, 0.3), cand(1, B, 0.2), cand(2, C, 0.4), cand(3, D, 0.1), cand(4, FAR)]
     assert consensus(candidates, 5, BINS) == consensus(candidates[::-1], 5, BINS)

@@ -1,0 +1,85 @@
+"""Findings measured in the image, as a radiologist measures them on the scan rather than
+estimates them: the longest extent of a solid lung lesion, the extent of a pneumothorax.
+
+The decoder names a lung lesion and states a size, but its sizes stray far (a 23-mm nodule stated
+as a "46 mm mass"), and in the report language nodule or mass is a matter of size alone (a lesion
+of `MASS_MIN_MM` or more is a mass). The measurement takes the finding's box with a margin (a bin
+box can cut a lesion short), keeps soft tissue (above `SOLID_HU`, halfway between aerated lung and
+a solid lesion), and opens it with a ball of `OPENING_MM`: that cuts off the vessels and the chest
+wall a lesion touches but keeps any lesion thicker than the ball. The component that fills most of
+the box is the lesion.
+
+A pneumothorax is free air in the pleural space, darker than any aerated lung. The finding map
+often lights only part of it (its apex, or the strip in front of the lung), so its box is taken
+from the air itself: every pocket of free air inside the body on that side of the chest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from scipy import ndimage
+
+SOLID_HU = -400.0
+OPENING_MM = 5.0  # radius: vessels near a lesion are up to 11 mm thick
+MARGIN_MM = 6.0
+# On the truth boxes of the 69 lung lesions >= 18 mm of phantoms 8300-8439, the longest extent was
+# off by 1.4 mm on average and put none on the wrong side of 30 mm; without the opening, vessels
+# made it 6.6 mm too long on average and put 10 on the wrong side.
+
+
+def _ball(radius_mm: float, spacing_mm: np.ndarray) -> np.ndarray:
+    reach = np.floor(radius_mm / spacing_mm).astype(int)
+    axes = np.ogrid[tuple(slice(-k, k + 1) for k in reach)]
+    return sum((a * s / radius_mm) ** 2 for a, s in zip(axes, spacing_mm)) <= 1
+
+
+def solid_lesion_diameter_mm(volume_hu: np.ndarray, spacing_mm: Sequence[float],
+                             box_voxel: Sequence[int]) -> float | None:
+    """The longest axis-aligned extent (mm) of the solid lesion in a half-open voxel box of
+    ``volume_hu`` [k, r, c], or ``None`` where no solid structure thicker than the opening ball
+    lies in it (a lesion under about 10 mm, or none)."""
+    spacing = np.asarray(spacing_mm, dtype=float)
+    box = np.asarray(box_voxel, dtype=int)
+    margin = np.round(MARGIN_MM / spacing).astype(int)
+    lo = np.maximum(0, box[:3] - margin)
+    hi = np.minimum(volume_hu.shape, box[3:] + margin)
+    crop = volume_hu[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] > SOLID_HU
+    labels, count = ndimage.label(ndimage.binary_opening(crop, _ball(OPENING_MM, spacing)))
+    if count == 0:
+        return None
+    inside = labels[tuple(slice(box[a] - lo[a], max(box[a] - lo[a] + 1, box[a + 3] - lo[a])) for a in range(3))]
+    filling = np.bincount(inside.ravel(), minlength=count + 1)
+    filling[0] = 0
+    if filling.max() == 0:
+        return None
+    cells = np.argwhere(labels == filling.argmax())
+    return float(((cells.max(0) - cells.min(0) + 1) * spacing).max())
+
+
+AIR_HU = -960.0  # free air is about -1000 HU, aerated lung about -850
+MIN_POCKET_VOXELS = 3  # image noise leaves single voxels that dark in the lung
+
+
+def pleural_air_box(volume_hu: np.ndarray, box_voxel: Sequence[int]) -> tuple[int, ...] | None:
+    """The half-open voxel box of all free air inside the body on the side of the chest (columns
+    either side of the body's middle) that ``box_voxel`` lies on, or ``None`` where none of it
+    meets ``box_voxel``. Air that reaches the image's in-plane edges is outside the body."""
+    box = tuple(int(v) for v in box_voxel)
+    air = volume_hu < AIR_HU
+    labels, count = ndimage.label(air)
+    if count == 0:
+        return None
+    outside = np.unique(np.concatenate([labels[:, [0, -1]].ravel(), labels[:, :, [0, -1]].ravel()]))
+    body_columns = np.flatnonzero((volume_hu > SOLID_HU).any(axis=(0, 1)))
+    middle = (body_columns[0] + body_columns[-1] + 1) / 2 if body_columns.size else volume_hu.shape[2] / 2
+    right_of_middle = box[2] + box[5] > 2 * middle
+    voxels = np.bincount(labels.ravel(), minlength=count + 1)
+    pockets = [extent for label, extent in enumerate(ndimage.find_objects(labels), start=1)
+               if label not in outside and voxels[label] >= MIN_POCKET_VOXELS
+               and (extent[2].start + extent[2].stop > 2 * middle) == right_of_middle]
+    if not any(all(e[a].start < box[a + 3] and box[a] < e[a].stop for a in range(3)) for e in pockets):
+        return None
+    return (tuple(min(e[a].start for e in pockets) for a in range(3))
+            + tuple(max(e[a].stop for e in pockets) for a in range(3)))

@@ -1,0 +1,80 @@
+"""Findings measured in the image: a lung lesion's size (and the type and sentence it gives a decoded
+finding), a pneumothorax's extent."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from engines.measure import pleural_air_box, solid_lesion_diameter_mm
+from engines.report import read_finding
+
+SPACING = (2.5, 0.8, 0.8)  # mm per voxel along k, r, c
+
+
+def lung_with_lesion(diameter_mm: float) -> tuple[np.ndarray, tuple[int, ...]]:
+    """Aerated lung with a solid sphere and a 6-mm vessel running into it; the sphere's voxel box."""
+    shape = (48, 128, 128)
+    k, r, c = np.meshgrid(*(np.arange(n) * s for n, s in zip(shape, SPACING)), indexing="ij")
+    centre = np.array([n * s / 2 for n, s in zip(shape, SPACING)])
+    hu = np.random.default_rng(0).normal(-850, 20, shape)
+    hu[(k - centre[0]) ** 2 + (r - centre[1]) ** 2 + (c - centre[2]) ** 2 <= (diameter_mm / 2) ** 2] = 30
+    hu[((k - centre[0]) ** 2 + (r - centre[1]) ** 2 <= 3**2) & (c > centre[2])] = 40  # the vessel
+    lo = [int((centre[a] - diameter_mm / 2) // SPACING[a]) for a in range(3)]
+    hi = [int(-(-(centre[a] + diameter_mm / 2) // SPACING[a])) + 1 for a in range(3)]
+    return hu, (*lo, *hi)
+
+
+@pytest.mark.parametrize("diameter", [16.0, 24.0, 36.0])
+def test_measures_a_lesion_without_the_vessel_it_touches(diameter: float) -> None:
+    hu, box = lung_with_lesion(diameter)
+    assert solid_lesion_diameter_mm(hu, SPACING, box) == pytest.approx(diameter, abs=SPACING[0])
+
+
+def test_a_small_nodule_or_empty_lung_is_not_measured() -> None:
+    hu, box = lung_with_lesion(6.0)
+    assert solid_lesion_diameter_mm(hu, SPACING, box) is None
+    assert solid_lesion_diameter_mm(np.full((20, 40, 40), -850.0), SPACING, (5, 5, 5, 15, 30, 30)) is None
+
+
+def test_a_lung_lesion_is_typed_and_sized_by_its_measurement() -> None:
+    hu, box = lung_with_lesion(24.0)
+    sizes: dict = {}
+    kind, text = read_finding("46 mm mass in the left upper lobe.", box, hu, SPACING, sizes)
+    assert kind == "nodule"
+    assert text.endswith("mm solid nodule in the left upper lobe.")
+    assert abs(int(text.split()[0]) - 24) <= SPACING[0]
+    hu, box = lung_with_lesion(36.0)
+    assert read_finding("20 mm solid nodule.", box, hu, SPACING, {})[0] == "mass"
+
+
+def test_other_findings_and_unmeasured_ones_keep_the_decoders_words() -> None:
+    hu, box = lung_with_lesion(6.0)
+    assert read_finding("9 mm solid nodule in the right lower lobe.", box, hu, SPACING, {}) == (
+        "nodule", "9 mm solid nodule in the right lower lobe.")
+    hu, box = lung_with_lesion(24.0)
+    assert read_finding("12 mm hypodense lesion in liver segment 7.", box, hu, SPACING, {}) == (
+        "hypodense lesion", "12 mm hypodense lesion in liver segment 7.")
+
+
+def chest_with_pneumothorax() -> tuple[np.ndarray, tuple[int, ...], tuple[int, ...]]:
+    """Air around a soft-tissue body with two lungs; free air in two pockets on the right (low
+    columns): a strip at the apex and a sliver lower down. The pockets' box, and the apex strip's."""
+    hu = np.full((40, 60, 80), -1000.0)
+    hu[:, 5:55, 5:75] = 40  # the body
+    hu[:, 10:50, 10:38] = hu[:, 10:50, 42:70] = -850  # the lungs
+    hu[30:40, 12:20, 12:36] = -1000  # apex strip
+    hu[12:14, 11:13, 15:30] = -1000  # a sliver in front, lower down
+    hu[20, 30, 50] = -1000  # a dark voxel of noise in the left lung
+    return hu, (12, 11, 12, 40, 20, 36), (30, 12, 12, 40, 20, 36)
+
+
+def test_a_pneumothorax_box_spans_all_the_free_air_on_its_side() -> None:
+    hu, pockets, apex = chest_with_pneumothorax()
+    assert pleural_air_box(hu, apex) == pockets
+
+
+def test_no_pneumothorax_box_without_free_air_where_the_finding_points() -> None:
+    hu, _, _ = chest_with_pneumothorax()
+    assert pleural_air_box(hu, (20, 20, 45, 30, 40, 65)) is None  # the left lung: only a noise voxel
+    assert pleural_air_box(hu, (0, 20, 15, 8, 40, 35)) is None  # right, but clear of the air
