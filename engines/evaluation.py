@@ -6,7 +6,8 @@ and lesions >= 8 mm only, where predictions matching smaller truths are not coun
 findings of types the truth never holds count overall and on their own), median IoU of matched
 findings before and after regrounding, the share of all-normal phantoms given any finding,
 yes/no answer accuracy, and the mean share of visual tokens kept. With ``ablation``: the same
-phantoms with scheduling off, with one rollout instead of consensus, and without regrounding.
+phantoms with scheduling off, with one rollout instead of consensus, without regrounding, and
+without the finding maps' check (five rollouts and one).
 """
 
 from __future__ import annotations
@@ -117,7 +118,8 @@ def evaluate(engine: DemoEngine, n: int, seed: int, ablation: bool = False, norm
     request = ReadRequest()
     configs = {"consensus+regrounding": Tally()}
     if ablation:
-        configs.update({"no regrounding": Tally(), "1 rollout": Tally(), "scheduling off": Tally()})
+        configs.update({"no regrounding": Tally(), "1 rollout": Tally(), "scheduling off": Tally(),
+                        "no map check": Tally(), "no map check, 1 rollout": Tally()})
     n_normal = max(1, round(n * normal_share))
     cases = [(seed + i, False) for i in range(n)] + [(seed + n + i, True) for i in range(n_normal)]
     for done, (case_seed, normal) in enumerate(cases):
@@ -131,6 +133,11 @@ def evaluate(engine: DemoEngine, n: int, seed: int, ablation: bool = False, norm
             plain = replace(request, reground=False)
             configs["no regrounding"].add(phantom, *engine.assemble(sampled, phantom.hu, spacing, plain), kept)
             configs["1 rollout"].add(phantom, *engine.assemble(sampled, phantom.hu, spacing, plain, rollouts=1), kept)
+            # Consensus as the only check, as MedVR has it: what it adds to one rollout without the finding maps.
+            mapless = replace(plain, map_check=False)
+            configs["no map check"].add(phantom, *engine.assemble(sampled, phantom.hu, spacing, mapless), kept)
+            configs["no map check, 1 rollout"].add(
+                phantom, *engine.assemble(sampled, phantom.hu, spacing, mapless, rollouts=1), kept)
             off = replace(request, pruning=False, seed=case_seed)
             unpruned = engine.sample(phantom.hu, spacing, off)
             configs["scheduling off"].add(phantom, *engine.assemble(unpruned, phantom.hu, spacing, off),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ from engines.registry import EngineError, create_engine
 from engines.grounding import Candidate
 from engines.preprocess import BINS, FINDING_GRID, prepare
 from engines.prompts import MAP_TYPES
-from engines.report import MAP_CONFIRM, ReadRequest, Sampled
+from engines.report import MAP_CONFIRM, MAP_SURE, ReadRequest, Sampled
 from engines.results import StudyResult
 from engines.tokenizer import MAX_ANSWER_TOKENS
 from orthanc_plugin.cli import main
@@ -85,7 +86,7 @@ def test_a_read_counts_the_steps_it_decoded():
     assert 2 <= short < 8 < long <= MAX_ANSWER_TOKENS
 
 
-def test_a_finding_needs_two_rollouts_and_its_finding_map():
+def test_a_finding_needs_two_rollouts_and_its_finding_map_or_one_and_a_sure_map():
     engine = create_engine("demo")
     phantom = render_phantom(22, normal=True)
     spacing = (phantom.slice_spacing_mm, phantom.pixel_spacing_mm, phantom.pixel_spacing_mm)
@@ -95,17 +96,23 @@ def test_a_finding_needs_two_rollouts_and_its_finding_map():
     grid = [slice(box[a] * FINDING_GRID[a] // BINS, box[a + 3] * FINDING_GRID[a] // BINS) for a in range(3)]
     probability[(MAP_TYPES.index("nodule"), *grid)] = MAP_CONFIRM + 0.05
 
-    def found(rollouts: int, kind: str) -> list:
+    def found(rollouts: int, kind: str, map_check: bool = True) -> list:
         stated = [Candidate(r, kind, f"A {kind} in the right upper lobe.", box, 0.1, True) for r in range(rollouts)]
         sampled = Sampled(prepare(phantom.hu, spacing), phantom.hu.shape, {"lungs": stated}, {"lungs": []}, {},
                           {"lungs": 0.3}, probability)
-        topics, _ = engine.assemble(sampled, phantom.hu, spacing, request)
+        topics, _ = engine.assemble(sampled, phantom.hu, spacing, replace(request, map_check=map_check))
         return topics[0].findings
 
     [nodule] = found(2, "nodule")
     assert nodule.extra["agreement"] == 0.4 and nodule.extra["map_probability"] == pytest.approx(MAP_CONFIRM + 0.05)
     assert found(1, "nodule") == []  # one rollout of five is no consensus
     assert found(5, "mass") == []  # every rollout, but the mass map sees nothing there
+    assert [f.type for f in found(2, "mass", map_check=False)] == ["mass"]  # the ablation: consensus alone
+    assert found(1, "mass", map_check=False) == []
+    probability[(MAP_TYPES.index("nodule"), *grid)] = MAP_SURE + 0.01
+    probability[(MAP_TYPES.index("pneumothorax"), *grid)] = MAP_SURE + 0.01
+    assert [f.type for f in found(1, "nodule")] == ["nodule"]  # a focal lesion the map is sure of
+    assert found(1, "pneumothorax") == []  # not focal: still two rollouts
 
 
 @pytest.mark.slow
