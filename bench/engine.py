@@ -61,7 +61,7 @@ def main() -> None:
             timings["step_ms"] = 1000 * timings["decode_s"] / sampled.decode_steps
             runs[mode].append(timings)
     median = {mode: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for mode, rs in runs.items()}
-    stages = ("encode_s", "schedule_s", "decode_s", "reground_s", "total_s")
+    stages = ("encode_s", "schedule_s", "decode_s", "measure_s", "reground_s", "total_s")
     lines = ["| scheduling | " + " | ".join(s[:-2] + " s" for s in stages) + " | decode ms per step | kept tokens |",
              "|---|" + "---|" * (len(stages) + 2)]
     for mode in ("on", "off"):

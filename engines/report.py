@@ -89,6 +89,7 @@ class Sampled:
     finding_probability: np.ndarray  # the volume's finding maps [MAP_TYPES, D, H, W]
     timings: dict[str, float] = field(default_factory=dict)
     decode_steps: int = 0  # tokens decoded per row (the longest answer sets it for the batch)
+    lesions_measured_s: float = 0.0  # measuring lung lesions while sampling; `assemble` adds the rest
 
 
 def finding_type(text: str) -> str:
@@ -195,6 +196,7 @@ class DemoEngine:
         normal_texts: dict[str, list[str]] = {t: [] for t in request.topics}
         answers: dict[str, list] = {q: [] for q in request.questions}
         sizes: dict[tuple[int, ...], float | None] = {}
+        measure_s = 0.0
         for row in range(len(prompts) * n):
             name, rollout = names[row // n], row % n
             items = self.tokenizer.decode_answer(out.tokens[row].tolist())
@@ -210,12 +212,14 @@ class DemoEngine:
                 entropy = float(np.mean(entropies[6 * boxes : 6 * boxes + 6])) if len(entropies) >= 6 * (boxes + 1) else 0.0
                 boxes += 1
                 snapped = snap_box(box, found[row // n])
+                t1 = time.perf_counter()
                 kind, text = read_finding(text, bins_to_box(snapped, inp.extent, volume_hu.shape), volume_hu, spacing_mm, sizes)
+                measure_s += time.perf_counter() - t1
                 candidates[name].append(Candidate(rollout, kind, text, snapped, entropy, snapped != box))
         return Sampled(inp, volume_hu.shape, candidates, normal_texts, answers,
                        {name: float(kept[i]) for i, name in enumerate(names)},
                        torch.sigmoid(visual.finding_logits[0].float()).cpu().numpy(),
-                       {"encode_s": encode_s, **timings}, out.tokens.shape[1])
+                       {"encode_s": encode_s, **timings}, out.tokens.shape[1], measure_s)
 
     # --- grounding -------------------------------------------------------------------------
 
@@ -272,10 +276,12 @@ class DemoEngine:
         voxel = [bins_to_box(f.box, extent, shape) for _, f in agreed]
         # A pneumothorax's extent is its free air (`pleural_air_box`), of which the map lights only part.
         from_image = [False] * len(agreed)
+        t0 = time.perf_counter()
         for i, (_, f) in enumerate(agreed):
             air = pleural_air_box(volume_hu, voxel[i]) if f.type == "pneumothorax" else None
             if air is not None:
                 voxel[i], from_image[i] = air, True
+        sampled.timings["measure_s"] = sampled.lesions_measured_s + time.perf_counter() - t0
         # A box the finding map grounded already has its extent; a zoomed re-look would only blur it.
         from_map = [all(m.from_map for m in f.members) for _, f in agreed]
         relook = [i for i, (_, f) in enumerate(agreed)

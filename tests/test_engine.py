@@ -126,7 +126,7 @@ def test_readout_run_writes_findings_sr_seg_and_key_images(make_phantom_study, t
     result = StudyResult.load(tmp_path / "findings.json")
     assert [t.topic for t in result.topics] == ["lungs", "pleura", "heart", "liver", "bones"]
     assert [a.question for a in result.answers] == ["Is there a pleural effusion?"]
-    assert set(result.extra["timings"]) == {"encode_s", "schedule_s", "decode_s", "reground_s"}
+    assert set(result.extra["timings"]) == {"encode_s", "schedule_s", "decode_s", "measure_s", "reground_s"}
     assert dciodvfy_errors(tmp_path / "sr.dcm") == [] and dsrdump_errors(tmp_path / "sr.dcm") == []
     boxed = [f for t in result.topics for f in t.findings if f.box]
     pngs = sorted(tmp_path.glob("*.png"))
