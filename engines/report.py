@@ -268,9 +268,12 @@ class DemoEngine:
             used = [c for c in sampled.candidates[topic] if c.rollout < n]
             for f in consensus(used, n, BINS, min_agreement=0.0):
                 peak = map_peak(sampled.finding_probability, f.type, f.box)
-                consensus_only = not request.map_check and f.agreement > MIN_AGREEMENT
-                if consensus_only or (peak >= MAP_CONFIRM and (f.agreement > MIN_AGREEMENT
-                                                               or (f.type in FOCAL_TYPES and peak >= MAP_SURE))):
+                if request.map_check:
+                    stands = peak >= MAP_CONFIRM and (f.agreement > MIN_AGREEMENT
+                                                      or (f.type in FOCAL_TYPES and peak >= MAP_SURE))
+                else:
+                    stands = f.agreement > MIN_AGREEMENT
+                if stands:
                     agreed.append((topic, f))
                     peaks.append(peak)
         voxel = [bins_to_box(f.box, extent, shape) for _, f in agreed]

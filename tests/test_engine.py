@@ -113,6 +113,7 @@ def test_a_finding_needs_two_rollouts_and_its_finding_map_or_one_and_a_sure_map(
     probability[(MAP_TYPES.index("pneumothorax"), *grid)] = MAP_SURE + 0.01
     assert [f.type for f in found(1, "nodule")] == ["nodule"]  # a focal lesion the map is sure of
     assert found(1, "pneumothorax") == []  # not focal: still two rollouts
+    assert found(1, "nodule", map_check=False) == []  # without the check, no map can stand in for a rollout
 
 
 @pytest.mark.slow
