@@ -3,7 +3,7 @@ estimates them: the longest extent of a solid lung lesion, the extent of a pneum
 
 The decoder names a lung lesion and states a size, but its sizes stray far (a 23-mm nodule stated
 as a "46 mm mass"), and in the report language nodule or mass is a matter of size alone (a lesion
-of `MASS_MIN_MM` or more is a mass). The measurement takes the finding's box with a margin (a bin
+of `phantom.MASS_MIN_MM` or more is a mass). The measurement takes the finding's box with a margin (a bin
 box can cut a lesion short), keeps soft tissue (above `SOLID_HU`, halfway between aerated lung and
 a solid lesion), and opens it with a ball of `OPENING_MM`: that cuts off the vessels and the chest
 wall a lesion touches but keeps any lesion thicker than the ball. The component that fills most of
