@@ -62,24 +62,29 @@ AIR_HU = -960.0  # free air is about -1000 HU, aerated lung about -850
 MIN_POCKET_VOXELS = 3  # image noise leaves single voxels that dark in the lung
 
 
-def pleural_air_box(volume_hu: np.ndarray, box_voxel: Sequence[int]) -> tuple[int, ...] | None:
-    """The half-open voxel box of all free air inside the body on the side of the chest (columns
-    either side of the body's middle) that ``box_voxel`` lies on, or ``None`` where none of it
-    meets ``box_voxel``. Air that reaches the image's in-plane edges is outside the body."""
-    box = tuple(int(v) for v in box_voxel)
+def free_air_pockets(volume_hu: np.ndarray) -> tuple[list[tuple[slice, ...]], float]:
+    """The extents of the pockets of free air inside the body (air that reaches the image's
+    in-plane edges is outside it), and the column of the body's middle. Once per volume: it labels
+    the whole volume."""
     air = volume_hu < AIR_HU
     labels, count = ndimage.label(air)
-    if count == 0:
-        return None
     outside = np.unique(np.concatenate([labels[:, [0, -1]].ravel(), labels[:, :, [0, -1]].ravel()]))
     body_columns = np.flatnonzero((volume_hu > SOLID_HU).any(axis=(0, 1)))
     middle = (body_columns[0] + body_columns[-1] + 1) / 2 if body_columns.size else volume_hu.shape[2] / 2
-    right_of_middle = box[2] + box[5] > 2 * middle
     voxels = np.bincount(labels.ravel(), minlength=count + 1)
     pockets = [extent for label, extent in enumerate(ndimage.find_objects(labels), start=1)
-               if label not in outside and voxels[label] >= MIN_POCKET_VOXELS
-               and (extent[2].start + extent[2].stop > 2 * middle) == right_of_middle]
-    if not any(all(e[a].start < box[a + 3] and box[a] < e[a].stop for a in range(3)) for e in pockets):
+               if label not in outside and voxels[label] >= MIN_POCKET_VOXELS]
+    return pockets, float(middle)
+
+
+def pleural_air_box(pockets: list[tuple[slice, ...]], middle: float, box_voxel: Sequence[int]) -> tuple[int, ...] | None:
+    """The half-open voxel box of the pockets (`free_air_pockets`) on the side of the chest
+    (columns either side of ``middle``) that ``box_voxel`` lies on, or ``None`` where none of them
+    meets ``box_voxel``."""
+    box = tuple(int(v) for v in box_voxel)
+    right_of_middle = box[2] + box[5] > 2 * middle
+    side = [e for e in pockets if (e[2].start + e[2].stop > 2 * middle) == right_of_middle]
+    if not any(all(e[a].start < box[a + 3] and box[a] < e[a].stop for a in range(3)) for e in side):
         return None
-    return (tuple(min(e[a].start for e in pockets) for a in range(3))
-            + tuple(max(e[a].stop for e in pockets) for a in range(3)))
+    return (tuple(min(e[a].start for e in side) for a in range(3))
+            + tuple(max(e[a].stop for e in side) for a in range(3)))

@@ -24,7 +24,7 @@ from engines.decoding import Generation, generate
 from engines.errors import EngineError
 from engines.grounding import Candidate, ConsensusFinding, consensus, iou3d, majority_answer, vote_box
 from engines.model import Encoded, ReadoutVLM
-from engines.measure import pleural_air_box, solid_lesion_diameter_mm
+from engines.measure import free_air_pockets, pleural_air_box, solid_lesion_diameter_mm
 from engines.phantom import FINDING_TYPES, MASS_MIN_MM, NORMAL_SENTENCES, QUESTIONS, TOPICS, lung_lesion_sentence
 from engines.preprocess import BINS, ModelInput, bins_to_box, crop_extent, prepare
 from engines.prompts import FOCAL_TYPES, question_region, region_topic, topic_region
@@ -280,10 +280,13 @@ class DemoEngine:
         # A pneumothorax's extent is its free air (`pleural_air_box`), of which the map lights only part.
         from_image = [False] * len(agreed)
         t0 = time.perf_counter()
-        for i, (_, f) in enumerate(agreed):
-            air = pleural_air_box(volume_hu, voxel[i]) if f.type == "pneumothorax" else None
-            if air is not None:
-                voxel[i], from_image[i] = air, True
+        pneumothoraces = [i for i, (_, f) in enumerate(agreed) if f.type == "pneumothorax"]
+        if pneumothoraces:
+            pockets, middle = free_air_pockets(volume_hu)
+            for i in pneumothoraces:
+                air = pleural_air_box(pockets, middle, voxel[i])
+                if air is not None:
+                    voxel[i], from_image[i] = air, True
         sampled.timings["measure_s"] = sampled.lesions_measured_s + time.perf_counter() - t0
         # A box the finding map grounded already has its extent; a zoomed re-look would only blur it.
         from_map = [all(m.from_map for m in f.members) for _, f in agreed]

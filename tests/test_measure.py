@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engines.measure import pleural_air_box, solid_lesion_diameter_mm
+from engines.measure import free_air_pockets, pleural_air_box, solid_lesion_diameter_mm
 from engines.report import read_finding
 
 SPACING = (2.5, 0.8, 0.8)  # mm per voxel along k, r, c
@@ -71,10 +71,10 @@ def chest_with_pneumothorax() -> tuple[np.ndarray, tuple[int, ...], tuple[int, .
 
 def test_a_pneumothorax_box_spans_all_the_free_air_on_its_side() -> None:
     hu, pockets, apex = chest_with_pneumothorax()
-    assert pleural_air_box(hu, apex) == pockets
+    assert pleural_air_box(*free_air_pockets(hu), apex) == pockets
 
 
 def test_no_pneumothorax_box_without_free_air_where_the_finding_points() -> None:
     hu, _, _ = chest_with_pneumothorax()
-    assert pleural_air_box(hu, (20, 20, 45, 30, 40, 65)) is None  # the left lung: only a noise voxel
-    assert pleural_air_box(hu, (0, 20, 15, 8, 40, 35)) is None  # right, but clear of the air
+    assert pleural_air_box(*free_air_pockets(hu), (20, 20, 45, 30, 40, 65)) is None  # the left lung: only a noise voxel
+    assert pleural_air_box(*free_air_pockets(hu), (0, 20, 15, 8, 40, 35)) is None  # right, but clear of the air
