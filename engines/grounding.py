@@ -11,7 +11,6 @@ half-open ``(k0, r0, c0, k1, r1, c1)``. Pure NumPy; no model code here.
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -355,36 +354,3 @@ def token_entropy(probs: np.ndarray) -> np.ndarray:
 def needs_regrounding(finding: ConsensusFinding, threshold: float) -> bool:
     """Whether the finding's box tokens were uncertain enough (entropy > threshold) to re-look."""
     return finding.entropy > threshold
-
-
-def crop_box(box: BinBox, bins: int, margin: float = 0.5, min_size: int = 8) -> BinBox:
-    """The region to re-encode for a zoomed re-look at ``box``, in the same bin space.
-
-    Each side grows by ``margin`` x its size at both ends (rounded outwards), then to at least
-    ``min_size`` bins around its centre so a tiny box keeps some context, and is clipped to
-    ``[0, bins)``. A side cut short by the border is extended inwards to reach ``min_size``.
-
-    Raises
-    ------
-    ValueError
-        If the box is outside the grid, ``margin < 0`` or ``min_size < 1``.
-    """
-    _check_box(box, bins, "crop_box")
-    if margin < 0:
-        raise ValueError(f"crop_box: margin must be >= 0, got {margin}")
-    if min_size < 1:
-        raise ValueError(f"crop_box: min_size must be >= 1, got {min_size}")
-    want = min(min_size, bins)
-    lo_out, hi_out = [], []
-    for lo, hi in zip(box[:3], box[3:]):
-        grow = margin * (hi - lo)
-        lo, hi = math.floor(lo - grow), math.ceil(hi + grow)
-        if hi - lo < want:
-            extra = want - (hi - lo)
-            lo, hi = lo - extra // 2, hi + extra - extra // 2
-        lo, hi = max(lo, 0), min(hi, bins)
-        if hi - lo < want:
-            lo, hi = (0, want) if lo == 0 else (bins - want, bins)
-        lo_out.append(lo)
-        hi_out.append(hi)
-    return (lo_out[0], lo_out[1], lo_out[2], hi_out[0], hi_out[1], hi_out[2])

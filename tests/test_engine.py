@@ -14,9 +14,10 @@ from engines.checkpoint import CheckpointError, load_checkpoint
 from engines.phantom import render_phantom
 from engines.registry import EngineError, create_engine
 from engines.grounding import Candidate
-from engines.preprocess import BINS, FINDING_GRID, prepare
+from engines.preprocess import BINS, FINDING_GRID, bins_to_box, prepare
 from engines.prompts import MAP_TYPES
-from engines.report import MAP_CONFIRM, MAP_SURE, ReadRequest, Sampled
+from engines.candidates import MapCandidate
+from engines.report import MAP_CONFIRM, MAP_SURE, ReadRequest, Relook, Sampled, finding_type
 from engines.results import StudyResult
 from engines.tokenizer import MAX_ANSWER_TOKENS
 from orthanc_plugin.cli import main
@@ -48,14 +49,15 @@ def test_missing_weights_and_unknown_engine_are_clear_errors(tmp_path):
         create_engine("gpt")
 
 
-def test_regrounding_returns_boxes_inside_the_volume():
+def test_a_relook_returns_a_box_inside_the_volume():
     engine = create_engine("demo")
     phantom = render_phantom(9003, findings={"lungs": ["mass"], "pleura": [], "heart": [], "liver": [], "bones": []})
     spacing = (phantom.slice_spacing_mm, phantom.pixel_spacing_mm, phantom.pixel_spacing_mm)
     [mass] = phantom.truth.topics[0].findings
-    [refined] = engine.reground(phantom.hu, spacing, [("lungs", "mass", mass.box.voxel)])
-    if refined is not None:  # the re-look may find nothing; what it returns must be a valid box
-        k0, r0, c0, k1, r1, c1 = refined
+    [look] = engine.relook(phantom.hu, spacing, [("lungs", "mass", mass.box.voxel)])
+    if look is not None:  # the re-look may find nothing; what it returns must be a valid box and a mass
+        assert finding_type(look.text) == "mass"
+        k0, r0, c0, k1, r1, c1 = look.box
         assert 0 <= k0 < k1 <= phantom.hu.shape[0] and 0 <= r0 < r1 <= phantom.hu.shape[1]
         assert 0 <= c0 < c1 <= phantom.hu.shape[2]
 
@@ -114,6 +116,41 @@ def test_a_finding_needs_two_rollouts_and_its_finding_map_or_one_and_a_sure_map(
     assert [f.type for f in found(1, "nodule")] == ["nodule"]  # a focal lesion the map is sure of
     assert found(1, "pneumothorax") == []  # not focal: still two rollouts
     assert found(1, "nodule", map_check=False) == []  # without the check, no map can stand in for a rollout
+
+
+def test_a_map_region_the_rollouts_passed_over_gets_a_second_look(monkeypatch):
+    engine = create_engine("demo")
+    phantom = render_phantom(22, normal=True)
+    spacing = (phantom.slice_spacing_mm, phantom.pixel_spacing_mm, phantom.pixel_spacing_mm)
+    stated_box, passed_box, faint_box = (20, 20, 20, 26, 28, 28), (40, 20, 20, 46, 28, 28), (20, 40, 40, 26, 46, 46)
+    probability = np.zeros((len(MAP_TYPES), *FINDING_GRID), dtype=np.float32)
+    for box, p in ((stated_box, MAP_SURE + 0.01), (passed_box, MAP_CONFIRM + 0.05), (faint_box, MAP_CONFIRM - 0.1)):
+        cells = [slice(box[a] * FINDING_GRID[a] // BINS, box[a + 3] * FINDING_GRID[a] // BINS) for a in range(3)]
+        probability[(MAP_TYPES.index("nodule"), *cells)] = p
+    regions = [MapCandidate(box, "nodule") for box in (stated_box, passed_box, faint_box)]
+    sampled = Sampled(prepare(phantom.hu, spacing), phantom.hu.shape,
+                      {"lungs": [Candidate(0, "nodule", "A 12 mm solid nodule in the right upper lobe.", stated_box, 0.1, True)]},
+                      {"lungs": []}, {}, {"lungs": 0.3}, probability, regions={"lungs": regions})
+    looked: list = []
+
+    def relook(volume_hu, spacing_mm, targets):
+        looked.extend(targets)
+        return [Relook("14 mm solid nodule in the left lower lobe.", tuple(v + 1 for v in box), 0.2) for _, _, box in targets]
+
+    monkeypatch.setattr(engine, "relook", relook)
+    request = ReadRequest(topics=("lungs",), questions=())
+    topics, _ = engine.assemble(sampled, phantom.hu, spacing, request)
+    # Only the confirmed region no standing finding meets: the stated one stands, the faint one is below the map's bar.
+    passed_voxel = bins_to_box(passed_box, sampled.model_input.extent, phantom.hu.shape)
+    assert looked == [("lungs", "nodule", passed_voxel)]
+    second = [f for f in topics[0].findings if f.extra["second_look"]]
+    assert [(f.text, f.box.voxel, f.extra["agreement"]) for f in second] == [
+        ("14 mm solid nodule in the left lower lobe.", passed_voxel, 0.2)]
+    assert len(topics[0].findings) == 2
+    for off in (replace(request, reground=False), replace(request, map_check=False)):
+        looked.clear()
+        topics, _ = engine.assemble(sampled, phantom.hu, spacing, off)
+        assert looked == [] and not any(f.extra["second_look"] for t in topics for f in t.findings)
 
 
 @pytest.mark.slow

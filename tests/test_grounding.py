@@ -11,7 +11,6 @@ from engines.grounding import (
     Candidate,
     ConsensusFinding,
     consensus,
-    crop_box,
     iou3d,
     majority_answer,
     needs_regrounding,
@@ -173,17 +172,3 @@ def test_needs_regrounding_above_threshold() -> None:
     finding = ConsensusFinding("nodule", "", A, 3, 0.6, 1.0, 0.6, entropy=1.2, members=())
     assert needs_regrounding(finding, threshold=1.0)
     assert not needs_regrounding(finding, threshold=1.2)
-
-
-def test_crop_box_grows_by_margin() -> None:
-    # Size 10 per side, margin 0.5 -> 5 bins more at each end.
-    assert crop_box(A, BINS) == (5, 5, 5, 25, 25, 25)
-
-
-def test_crop_box_clips_at_the_borders() -> None:
-    assert crop_box((40, 0, 30, 64, 10, 40), BINS) == (28, 0, 25, 64, 15, 45)
-
-
-def test_crop_box_keeps_min_size_at_a_corner() -> None:
-    # 2 bins grow to 4, then to 8 around the centre; the border cut is made up inwards.
-    assert crop_box((0, 31, 62, 2, 33, 64), BINS) == (0, 28, 56, 8, 36, 64)

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engines.measure import free_air_pockets, pleural_air_box, solid_lesion_diameter_mm
-from engines.report import read_finding
+from engines.measure import fluid_ml, free_air_pockets, pleural_air_box, solid_lesion_diameter_mm
+from engines.report import PERICARDIAL_FLUID_ML, read_finding
 
 SPACING = (2.5, 0.8, 0.8)  # mm per voxel along k, r, c
 
@@ -31,7 +31,12 @@ def test_measures_a_lesion_without_the_vessel_it_touches(diameter: float) -> Non
     assert solid_lesion_diameter_mm(hu, SPACING, box) == pytest.approx(diameter, abs=SPACING[0])
 
 
-def test_a_small_nodule_or_empty_lung_is_not_measured() -> None:
+def test_a_small_nodule_is_measured_with_the_smaller_ball() -> None:
+    hu, box = lung_with_lesion(9.0)
+    assert solid_lesion_diameter_mm(hu, SPACING, box) == pytest.approx(9.0, abs=SPACING[0])
+
+
+def test_a_tiny_nodule_or_empty_lung_is_not_measured() -> None:
     hu, box = lung_with_lesion(6.0)
     assert solid_lesion_diameter_mm(hu, SPACING, box) is None
     assert solid_lesion_diameter_mm(np.full((20, 40, 40), -850.0), SPACING, (5, 5, 5, 15, 30, 30)) is None
@@ -48,13 +53,41 @@ def test_a_lung_lesion_is_typed_and_sized_by_its_measurement() -> None:
     assert read_finding("20 mm solid nodule.", box, hu, SPACING, {})[0] == "mass"
 
 
-def test_other_findings_and_unmeasured_ones_keep_the_decoders_words() -> None:
+def test_a_lung_lesion_the_image_does_not_hold_is_dropped() -> None:
     hu, box = lung_with_lesion(6.0)
-    assert read_finding("9 mm solid nodule in the right lower lobe.", box, hu, SPACING, {}) == (
-        "nodule", "9 mm solid nodule in the right lower lobe.")
+    assert read_finding("9 mm solid nodule in the right lower lobe.", box, hu, SPACING, {}) is None
+
+
+def test_other_findings_keep_the_decoders_words() -> None:
     hu, box = lung_with_lesion(24.0)
     assert read_finding("12 mm hypodense lesion in liver segment 7.", box, hu, SPACING, {}) == (
         "hypodense lesion", "12 mm hypodense lesion in liver segment 7.")
+
+
+def heart_in_fat(effusion_mm: float) -> np.ndarray:
+    """A 40-mm ball of blood (40 HU) in fat, wrapped in ``effusion_mm`` of fluid (10 HU), with noise."""
+    shape = (40, 128, 128)
+    k, r, c = np.meshgrid(*(np.arange(n) * s for n, s in zip(shape, SPACING)), indexing="ij")
+    distance = np.sqrt((k - 50) ** 2 + (r - 51.2) ** 2 + (c - 51.2) ** 2)
+    hu = np.full(shape, -100.0)
+    hu[distance <= 40 + effusion_mm] = 10
+    hu[distance <= 40] = 40
+    return hu + np.random.default_rng(0).normal(0, 15, shape)
+
+
+def test_a_pericardial_effusion_is_its_fluid_and_a_heart_edge_is_none() -> None:
+    shell_ml = 4 / 3 * np.pi * (48**3 - 40**3) / 1000
+    box = (0, 0, 0, 40, 128, 128)
+    assert fluid_ml(heart_in_fat(8.0), SPACING, box) == pytest.approx(shell_ml, rel=0.15)
+    assert fluid_ml(heart_in_fat(0.0), SPACING, box) < 2
+
+
+def test_a_pericardial_effusion_without_fluid_is_dropped() -> None:
+    box = (0, 0, 0, 40, 128, 128)
+    text = "Pericardial effusion, 8 mm thick."
+    assert fluid_ml(heart_in_fat(8.0), SPACING, box) > PERICARDIAL_FLUID_ML
+    assert read_finding(text, box, heart_in_fat(8.0), SPACING, {}) == ("pericardial effusion", text)
+    assert read_finding(text, box, heart_in_fat(0.0), SPACING, {}) is None
 
 
 def chest_with_pneumothorax() -> tuple[np.ndarray, tuple[int, ...], tuple[int, ...]]:
