@@ -83,25 +83,39 @@ AIR_HU = -960.0  # free air is about -1000 HU, aerated lung about -850
 MIN_POCKET_VOXELS = 3  # image noise leaves single voxels that dark in the lung
 
 
-def free_air_pockets(volume_hu: np.ndarray) -> tuple[list[tuple[slice, ...]], float]:
+def body_middle(volume_hu: np.ndarray) -> float:
+    """The column halfway across the body (tissue above `SOLID_HU` in any slice) of ``volume_hu``
+    [k, r, c]; the image's middle where there is none."""
+    columns = np.flatnonzero((volume_hu > SOLID_HU).any(axis=(0, 1)))
+    return float((columns[0] + columns[-1] + 1) / 2 if columns.size else volume_hu.shape[2] / 2)
+
+
+def patient_side(affine: np.ndarray, box_voxel: Sequence[int], middle: float) -> str:
+    """``"right"`` or ``"left"``: the patient's side of the body's middle column (`body_middle`)
+    that a voxel box's centre lies on, read through ``affine`` (voxel [k, r, c, 1] to patient LPS
+    mm, where x grows towards the patient's left) so that any in-plane orientation reads right."""
+    box = np.asarray(box_voxel, dtype=float)
+    centre = np.append((box[:3] + box[3:]) / 2, 1.0)
+    on_middle = centre.copy()
+    on_middle[2] = middle
+    return "left" if (affine @ centre)[0] > (affine @ on_middle)[0] else "right"
+
+
+def free_air_pockets(volume_hu: np.ndarray) -> list[tuple[slice, ...]]:
     """The extents of the pockets of free air inside the body (air that reaches the image's
-    in-plane edges is outside it), and the column of the body's middle. Once per volume: it labels
-    the whole volume."""
+    in-plane edges is outside it). Once per volume: it labels the whole volume."""
     air = volume_hu < AIR_HU
     labels, count = ndimage.label(air)
     outside = np.unique(np.concatenate([labels[:, [0, -1]].ravel(), labels[:, :, [0, -1]].ravel()]))
-    body_columns = np.flatnonzero((volume_hu > SOLID_HU).any(axis=(0, 1)))
-    middle = (body_columns[0] + body_columns[-1] + 1) / 2 if body_columns.size else volume_hu.shape[2] / 2
     voxels = np.bincount(labels.ravel(), minlength=count + 1)
-    pockets = [extent for label, extent in enumerate(ndimage.find_objects(labels), start=1)
-               if label not in outside and voxels[label] >= MIN_POCKET_VOXELS]
-    return pockets, float(middle)
+    return [extent for label, extent in enumerate(ndimage.find_objects(labels), start=1)
+            if label not in outside and voxels[label] >= MIN_POCKET_VOXELS]
 
 
 def pleural_air_box(pockets: list[tuple[slice, ...]], middle: float, box_voxel: Sequence[int]) -> tuple[int, ...] | None:
     """The half-open voxel box of the pockets (`free_air_pockets`) on the side of the chest
-    (columns either side of ``middle``) that ``box_voxel`` lies on, or ``None`` where none of them
-    meets ``box_voxel``."""
+    (columns either side of the body's ``middle``, `body_middle`) that ``box_voxel`` lies on, or
+    ``None`` where none of them meets ``box_voxel``."""
     box = tuple(int(v) for v in box_voxel)
     right_of_middle = box[2] + box[5] > 2 * middle
     side = [e for e in pockets if (e[2].start + e[2].stop > 2 * middle) == right_of_middle]

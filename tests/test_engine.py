@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -18,8 +19,9 @@ from engines.preprocess import BINS, FINDING_GRID, bins_to_box, prepare
 from engines.prompts import MAP_TYPES
 from engines.candidates import MapCandidate
 from engines.report import MAP_CONFIRM, MAP_SURE, ReadRequest, Relook, Sampled, finding_type
-from engines.results import StudyResult
+from engines.results import Box, Finding, StudyResult, TopicResult
 from engines.tokenizer import MAX_ANSWER_TOKENS
+from engines.volume import Volume
 from orthanc_plugin.cli import main
 from tests.data.record_demo_reference import greedy_read
 
@@ -151,6 +153,33 @@ def test_a_map_region_the_rollouts_passed_over_gets_a_second_look(monkeypatch):
         looked.clear()
         topics, _ = engine.assemble(sampled, phantom.hu, spacing, off)
         assert looked == [] and not any(f.extra["second_look"] for t in topics for f in t.findings)
+
+
+def test_a_finding_is_put_on_the_side_of_the_body_its_box_lies_on(monkeypatch):
+    engine = create_engine("demo")
+    hu = np.full((20, 40, 80), -1000.0)
+    hu[:, 5:35, 5:75] = 40  # the body: its middle is column 40
+    # Voxel [k, r, c, 1] to LPS mm: c along +x, towards the patient's left.
+    affine = np.array([[0, 0, 0.8, 0], [0, 0.8, 0, 0], [2.5, 0, 0, 0], [0, 0, 0, 1]])
+    volume = Volume(hu, affine, (), (), (), "1.2.3", "1.2.3.4", "1.2.3.5")
+    patient_right, patient_left = Box((5, 10, 10, 10, 20, 30)), Box((5, 10, 50, 10, 20, 70))
+    stated = {
+        "lungs": [Finding("nodule", "12 mm solid nodule in the left lower lobe.", 12, "left lower lobe", 0.4, patient_right),
+                  Finding("nodule", "9 mm solid nodule in the right middle lobe.", 9, "right middle lobe", 0.4, patient_left),
+                  Finding("mass", "31 mm mass in the right 149.", 31, "right 149", 0.4, patient_right)],
+        "pleura": [Finding("pneumothorax", "Right pneumothorax, 30 mm.", 30, "right pleural space", 0.6, patient_left)],
+        "liver": [Finding("hypodense lesion", "10 mm hypodense lesion in the right hepatic lobe.", 10,
+                          "right hepatic lobe", 0.6, patient_left)],
+    }
+    monkeypatch.setattr(engine, "sample", lambda *_: SimpleNamespace(kept_ratio={}, timings={}))
+    monkeypatch.setattr(engine, "assemble", lambda *_: ([TopicResult(t, False, fs) for t, fs in stated.items()], []))
+    result = engine.run(volume, ReadRequest(questions=()))
+    said = {f.text: f.location for t in result.topics for f in t.findings}
+    assert said == {"12 mm solid nodule in the right lower lobe.": "right lower lobe",
+                    "9 mm solid nodule in the left upper lobe.": "left upper lobe",  # the lingula
+                    "Left pneumothorax, 30 mm.": "left pleural space",
+                    "31 mm mass in the right lung.": "right lung",  # the decoder named no lobe
+                    "10 mm hypodense lesion in the right hepatic lobe.": "right hepatic lobe"}  # a liver's lobe is no side
 
 
 @pytest.mark.slow

@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engines.measure import fluid_ml, free_air_pockets, pleural_air_box, solid_lesion_diameter_mm
+from engines.measure import (body_middle, fluid_ml, free_air_pockets, patient_side, pleural_air_box,
+                             solid_lesion_diameter_mm)
 from engines.report import PERICARDIAL_FLUID_ML, read_finding
 
 SPACING = (2.5, 0.8, 0.8)  # mm per voxel along k, r, c
@@ -104,10 +105,23 @@ def chest_with_pneumothorax() -> tuple[np.ndarray, tuple[int, ...], tuple[int, .
 
 def test_a_pneumothorax_box_spans_all_the_free_air_on_its_side() -> None:
     hu, pockets, apex = chest_with_pneumothorax()
-    assert pleural_air_box(*free_air_pockets(hu), apex) == pockets
+    assert pleural_air_box(free_air_pockets(hu), body_middle(hu), apex) == pockets
 
 
 def test_no_pneumothorax_box_without_free_air_where_the_finding_points() -> None:
     hu, _, _ = chest_with_pneumothorax()
-    assert pleural_air_box(*free_air_pockets(hu), (20, 20, 45, 30, 40, 65)) is None  # the left lung: only a noise voxel
-    assert pleural_air_box(*free_air_pockets(hu), (0, 20, 15, 8, 40, 35)) is None  # right, but clear of the air
+    assert pleural_air_box(free_air_pockets(hu), body_middle(hu), (20, 20, 45, 30, 40, 65)) is None  # the left lung: only a noise voxel
+    assert pleural_air_box(free_air_pockets(hu), body_middle(hu), (0, 20, 15, 8, 40, 35)) is None  # right, but clear of the air
+
+
+def test_the_side_is_the_patients_whichever_way_the_columns_run() -> None:
+    hu, _, _ = chest_with_pneumothorax()
+    assert body_middle(hu) == 40
+    low_columns = (0, 20, 12, 8, 40, 36)
+    # Voxel [k, r, c, 1] to LPS mm: c along +x (towards the patient's left), r along +y, k along +z.
+    columns_to_left = np.array([[0, 0, 0.8, 0], [0, 0.8, 0, 0], [2.5, 0, 0, 0], [0, 0, 0, 1]])
+    assert patient_side(columns_to_left, low_columns, body_middle(hu)) == "right"
+    columns_to_right = columns_to_left.copy()
+    columns_to_right[0, 2] = -0.8  # the image stored flipped left to right
+    assert patient_side(columns_to_right, low_columns, body_middle(hu)) == "left"
+
