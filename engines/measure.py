@@ -12,11 +12,13 @@ a smaller ball (`SMALL_OPENING_MM`) looks for a small nodule. The component that
 box is the lesion; where there is none, the box holds no solid lesion at all.
 
 A pericardial effusion is fluid round the heart, a rim thicker than the fat or the blood's edge
-leaves, and a box the decoder calls one must hold that much of it.
+leaves, and a box the decoder calls one must hold that much of it. A pleural effusion's depth is
+measured in its fluid.
 
 A pneumothorax is free air in the pleural space, darker than any aerated lung. The finding map
 often lights only part of it (its apex, or the strip in front of the lung), so its box is taken
-from the air itself: every pocket of free air inside the body on that side of the chest.
+from the air itself: every pocket of free air inside the body on that side of the chest; its depth
+is measured in that air.
 """
 
 from __future__ import annotations
@@ -67,16 +69,28 @@ FLUID_HU = (-15.0, 27.0)  # simple fluid is 0-20 HU; blood and myocardium 35 or 
 FLUID_OPENING_MM = 2.0  # radius: the band a smoothed fat-blood boundary passes through is thinner
 
 
-def fluid_ml(volume_hu: np.ndarray, spacing_mm: Sequence[float], box_voxel: Sequence[int]) -> float:
-    """The volume (mL) of fluid more than 4 mm thick in a half-open voxel box of ``volume_hu``:
-    voxels whose HU, smoothed over 1 mm against noise, lies in `FLUID_HU`, opened with a ball of
-    `FLUID_OPENING_MM` so that the thin band where the heart's edge meets fat does not count."""
-    spacing = np.asarray(spacing_mm, dtype=float)
-    box = np.asarray(box_voxel, dtype=int)
+def _fluid(volume_hu: np.ndarray, spacing: np.ndarray, box: np.ndarray) -> np.ndarray:
+    """Fluid more than 4 mm thick in a half-open voxel box: voxels whose HU, smoothed over 1 mm
+    against noise, lies in `FLUID_HU`, opened with a ball of `FLUID_OPENING_MM` so that the thin
+    band where a heart's edge meets fat does not count."""
     values = volume_hu[box[0]:box[3], box[1]:box[4], box[2]:box[5]].astype(np.float32)
     smooth = ndimage.gaussian_filter(values, sigma=1.0 / spacing)
-    fluid = ndimage.binary_opening((smooth > FLUID_HU[0]) & (smooth < FLUID_HU[1]), _ball(FLUID_OPENING_MM, spacing))
-    return float(fluid.sum() * spacing.prod() / 1000)
+    return ndimage.binary_opening((smooth > FLUID_HU[0]) & (smooth < FLUID_HU[1]), _ball(FLUID_OPENING_MM, spacing))
+
+
+def fluid_ml(volume_hu: np.ndarray, spacing_mm: Sequence[float], box_voxel: Sequence[int]) -> float:
+    """The volume (mL) of fluid more than 4 mm thick in a half-open voxel box of ``volume_hu``."""
+    spacing = np.asarray(spacing_mm, dtype=float)
+    return float(_fluid(volume_hu, spacing, np.asarray(box_voxel, dtype=int)).sum() * spacing.prod() / 1000)
+
+
+def fluid_depth_mm(volume_hu: np.ndarray, spacing_mm: Sequence[float], box_voxel: Sequence[int]) -> float:
+    """A pleural effusion's depth: the most voxels of fluid more than 4 mm thick on any
+    front-to-back line (along r) through a half-open voxel box of ``volume_hu``, in mm. About 2 mm
+    short for each side the fluid meets aerated lung: the smoothing moves that edge inwards."""
+    spacing = np.asarray(spacing_mm, dtype=float)
+    fluid = _fluid(volume_hu, spacing, np.asarray(box_voxel, dtype=int))
+    return float(fluid.sum(axis=1).max() * spacing[1]) if fluid.size else 0.0
 
 
 AIR_HU = -960.0  # free air is about -1000 HU, aerated lung about -850
@@ -110,6 +124,14 @@ def free_air_pockets(volume_hu: np.ndarray) -> list[tuple[slice, ...]]:
     voxels = np.bincount(labels.ravel(), minlength=count + 1)
     return [extent for label, extent in enumerate(ndimage.find_objects(labels), start=1)
             if label not in outside and voxels[label] >= MIN_POCKET_VOXELS]
+
+
+def air_depth_mm(volume_hu: np.ndarray, spacing_mm: Sequence[float], box_voxel: Sequence[int]) -> float:
+    """A pneumothorax's depth: the most voxels of free air (below `AIR_HU`) on any front-to-back
+    line (along r) through a half-open voxel box of ``volume_hu``, in mm."""
+    box = np.asarray(box_voxel, dtype=int)
+    air = volume_hu[box[0]:box[3], box[1]:box[4], box[2]:box[5]] < AIR_HU
+    return float(air.sum(axis=1).max() * spacing_mm[1]) if air.size else 0.0
 
 
 def pleural_air_box(pockets: list[tuple[slice, ...]], middle: float, box_voxel: Sequence[int]) -> tuple[int, ...] | None:

@@ -15,7 +15,7 @@ from engines.checkpoint import CheckpointError, load_checkpoint
 from engines.phantom import render_phantom
 from engines.registry import EngineError, create_engine
 from engines.grounding import Candidate
-from engines.preprocess import BINS, FINDING_GRID, bins_to_box, prepare
+from engines.preprocess import BINS, FINDING_GRID, bins_to_box, box_to_bins, prepare
 from engines.prompts import MAP_TYPES
 from engines.candidates import MapCandidate
 from engines.report import MAP_CONFIRM, MAP_SURE, ReadRequest, Relook, Sampled, finding_type
@@ -118,6 +118,23 @@ def test_a_finding_needs_two_rollouts_and_its_finding_map_or_one_and_a_sure_map(
     assert [f.type for f in found(1, "nodule")] == ["nodule"]  # a focal lesion the map is sure of
     assert found(1, "pneumothorax") == []  # not focal: still two rollouts
     assert found(1, "nodule", map_check=False) == []  # without the check, no map can stand in for a rollout
+
+
+def test_a_pneumothorax_takes_its_box_and_depth_from_its_air():
+    engine = create_engine("demo")
+    phantom = render_phantom(9010, findings={"lungs": [], "pleura": ["pneumothorax"], "heart": [], "liver": [], "bones": []})
+    spacing = (phantom.slice_spacing_mm, phantom.pixel_spacing_mm, phantom.pixel_spacing_mm)
+    [truth] = phantom.truth.topics[1].findings
+    model_input = prepare(phantom.hu, spacing)
+    box = box_to_bins(truth.box.voxel, model_input.extent)
+    probability = np.zeros((len(MAP_TYPES), *FINDING_GRID), dtype=np.float32)
+    probability[MAP_TYPES.index("pneumothorax")] = MAP_CONFIRM + 0.05
+    stated = [Candidate(r, "pneumothorax", "Right pneumothorax, 99 mm.", box, 0.1, True) for r in range(2)]
+    sampled = Sampled(model_input, phantom.hu.shape, {"pleura": stated}, {"pleura": []}, {}, {"pleura": 0.3}, probability)
+    topics, _ = engine.assemble(sampled, phantom.hu, spacing, ReadRequest(topics=("pleura",), questions=()))
+    [found] = topics[0].findings
+    assert found.extra["box_from_image"] and found.size_mm == pytest.approx(truth.size_mm, abs=1)
+    assert found.text == f"Right pneumothorax, {found.size_mm:.0f} mm."
 
 
 def test_a_map_region_the_rollouts_passed_over_gets_a_second_look(monkeypatch):

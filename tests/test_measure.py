@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engines.measure import (body_middle, fluid_ml, free_air_pockets, patient_side, pleural_air_box,
+from engines.measure import (air_depth_mm, body_middle, fluid_depth_mm, fluid_ml, free_air_pockets, patient_side, pleural_air_box,
                              solid_lesion_diameter_mm)
 from engines.report import PERICARDIAL_FLUID_ML, read_finding
 
@@ -91,6 +91,17 @@ def test_a_pericardial_effusion_without_fluid_is_dropped() -> None:
     assert read_finding(text, box, heart_in_fat(0.0), SPACING, {}) is None
 
 
+def test_a_pleural_effusion_is_as_deep_as_its_fluid() -> None:
+    hu = np.random.default_rng(0).normal(-850, 15, (30, 80, 60))  # aerated lung
+    hu[5:25, 40:65, 10:50] += 860  # 25 rows (20 mm) of fluid, aerated lung on both sides
+    box = (0, 0, 0, 30, 80, 60)
+    assert fluid_depth_mm(hu, SPACING, box) == pytest.approx(20 - 2 * 1.9, abs=1)  # the smoothing's edges
+    kind, text = read_finding("Left pleural effusion, 41 mm deep.", box, hu, SPACING, {})
+    assert kind == "pleural effusion" and text == "Left pleural effusion, 17 mm deep."
+    dry = np.full((30, 80, 60), -850.0)
+    assert read_finding("Left pleural effusion, 41 mm deep.", box, dry, SPACING, {})[1] == "Left pleural effusion, 41 mm deep."
+
+
 def chest_with_pneumothorax() -> tuple[np.ndarray, tuple[int, ...], tuple[int, ...]]:
     """Air around a soft-tissue body with two lungs; free air in two pockets on the right (low
     columns): a strip at the apex and a sliver lower down. The pockets' box, and the apex strip's."""
@@ -106,6 +117,11 @@ def chest_with_pneumothorax() -> tuple[np.ndarray, tuple[int, ...], tuple[int, .
 def test_a_pneumothorax_box_spans_all_the_free_air_on_its_side() -> None:
     hu, pockets, apex = chest_with_pneumothorax()
     assert pleural_air_box(free_air_pockets(hu), body_middle(hu), apex) == pockets
+
+
+def test_a_pneumothorax_is_as_deep_as_its_deepest_air() -> None:
+    hu, pockets, _ = chest_with_pneumothorax()
+    assert air_depth_mm(hu, SPACING, pockets) == pytest.approx(8 * SPACING[1])  # the apex strip: 8 rows
 
 
 def test_no_pneumothorax_box_without_free_air_where_the_finding_points() -> None:
