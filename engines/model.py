@@ -257,7 +257,8 @@ class ReadoutVLM(nn.Module):
         k, r, col = self.axis_position
         position = (k[:, None, None] + r[None, :, None] + col[None, None, :]).reshape(d * h * w, -1)
         stages = []
-        x = image
+        # Channels-last: oneDNN's 3D convolutions run about twice as fast on CPU in this layout.
+        x = image = image.contiguous(memory_format=torch.channels_last_3d)
         for i, conv in enumerate(self.stem):
             x = conv(x)
             if i + 1 < len(self.stem):

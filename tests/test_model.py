@@ -192,6 +192,19 @@ def test_lesion_read_out_moves_only_the_lung_lesion_maps(model, tokenizer):
     assert torch.allclose(after[:, model.config.lesion_maps], before[:, model.config.lesion_maps] + 5.0, atol=1e-4)
 
 
+def test_input_read_outs_and_threshold_learn_at_their_own_rates(model):
+    groups = training._parameter_groups(model)
+    scale_of = {id(p): g["scale"] for g in groups for p in g["params"]}
+    names = dict(model.named_parameters())
+    assert len(scale_of) == len(names) == sum(len(g["params"]) for g in groups)  # each parameter once
+    for name, parameter in names.items():
+        expected = (training.THRESHOLD_LR_SCALE if name.startswith("scheduler.")
+                    else training.READ_OUT_LR_SCALE if name.startswith(("finding_fine.", "finding_lesions."))
+                    else 1.0)
+        assert scale_of[id(parameter)] == expected, name
+    assert training.READ_OUT_LR_SCALE > 1
+
+
 def test_each_finding_loss_wants_every_finding_seen_not_just_the_strongest():
     numbers = torch.zeros(1, 2, 4, 4, 4, dtype=torch.uint8)
     numbers[0, 0, 0, 0, 0] = 1  # a small finding ...
