@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engines.measure import (air_depth_mm, body_middle, fluid_depth_mm, fluid_ml, free_air_pockets, patient_side, pleural_air_box,
-                             solid_lesion_diameter_mm)
+from engines.measure import (air_depth_mm, body_middle, fluid_depth_mm, fluid_ml, free_air_pockets,
+                             hypodense_lesion_diameter_mm, patient_side, pleural_air_box, solid_lesion_diameter_mm)
 from engines.report import PERICARDIAL_FLUID_ML, read_finding
 
 SPACING = (2.5, 0.8, 0.8)  # mm per voxel along k, r, c
@@ -61,8 +61,39 @@ def test_a_lung_lesion_the_image_does_not_hold_is_dropped() -> None:
 
 def test_other_findings_keep_the_decoders_words() -> None:
     hu, box = lung_with_lesion(24.0)
-    assert read_finding("12 mm hypodense lesion in liver segment 7.", box, hu, SPACING, {}) == (
-        "hypodense lesion", "12 mm hypodense lesion in liver segment 7.")
+    assert read_finding("12 mm lytic lesion in the T7 vertebral body.", box, hu, SPACING, {}) == (
+        "lytic lesion", "12 mm lytic lesion in the T7 vertebral body.")
+
+
+def liver_with_lesion(diameter_mm: float, lesion_hu: float = 25.0) -> tuple[np.ndarray, tuple[int, ...]]:
+    """A liver (60 HU) in fat, its edge 4 mm from a lesion of ``diameter_mm`` (no lesion for 0),
+    in 15 HU of noise; the lesion's voxel box grown by 4 mm, as loose as a bin box."""
+    shape = (40, 100, 100)
+    k, r, c = np.meshgrid(*(np.arange(n) * s for n, s in zip(shape, SPACING)), indexing="ij")
+    centre = np.array([50.0, 40.0, 40.0])
+    hu = np.full(shape, -100.0)
+    hu[r < centre[1] + max(diameter_mm, 8) / 2 + 4] = 60
+    hu[(k - centre[0]) ** 2 + (r - centre[1]) ** 2 + (c - centre[2]) ** 2 <= (diameter_mm / 2) ** 2] = lesion_hu
+    reach = max(diameter_mm, 8) / 2 + 4
+    lo = [int((centre[a] - reach) // SPACING[a]) for a in range(3)]
+    hi = [int(-(-(centre[a] + reach) // SPACING[a])) for a in range(3)]
+    return hu + np.random.default_rng(0).normal(0, 15, shape), (*lo, *hi)
+
+
+@pytest.mark.parametrize("diameter,lesion_hu", [(8.0, 25.0), (20.0, 40.0), (34.0, 0.0)])
+def test_a_liver_lesion_is_measured_beside_the_livers_edge(diameter: float, lesion_hu: float) -> None:
+    hu, box = liver_with_lesion(diameter, lesion_hu)
+    assert hypodense_lesion_diameter_mm(hu, SPACING, box) == pytest.approx(diameter, abs=SPACING[0])
+
+
+def test_a_liver_lesion_is_sized_by_its_measurement_where_the_image_shows_one() -> None:
+    text = "31 mm hypodense lesion in the right hepatic lobe."
+    hu, box = liver_with_lesion(20.0)
+    kind, measured = read_finding(text, box, hu, SPACING, {})
+    assert kind == "hypodense lesion" and abs(int(measured.split()[0]) - 20) <= SPACING[0]
+    plain, box = liver_with_lesion(0.0)
+    assert hypodense_lesion_diameter_mm(plain, SPACING, box) is None
+    assert read_finding(text, box, plain, SPACING, {}) == ("hypodense lesion", text)
 
 
 def heart_in_fat(effusion_mm: float) -> np.ndarray:
