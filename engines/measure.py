@@ -114,6 +114,67 @@ def hypodense_lesion_diameter_mm(volume_hu: np.ndarray, spacing_mm: Sequence[flo
     return float(((cells.max(0) - cells.min(0) + 1) * spacing).max())
 
 
+HEART_HU = (-30.0, 120.0)  # blood is 35-50 HU; the fat round the heart about -100, bone brighter
+HEART_SMOOTH_MM = 0.7  # against noise, thinner than the heart's fat rim (2 mm or more)
+BLOOD_LIVER_HU = 52.5  # blood is at most 50 HU, the liver at least 55
+TISSUE_MEAN_MM = 2.5  # the soft tissue's local mean that tells blood from liver
+LUNG_HU = -400.0  # aerated lung and air; the lung's vessels lie inside its span
+WALL_MARGIN_MM = 2.0
+SHEET_OPENING_MM = 4.0  # radius: cuts the sheet of diaphragm a heart sits on
+THORAX_STEP_MM = 5.0  # the chest's width changes little over a few mm
+
+
+def _lungs(plane: np.ndarray) -> np.ndarray:
+    """A slice's air inside the body: the lungs (air that reaches the slice's edges is outside it)."""
+    air = plane < LUNG_HU
+    labels, _ = ndimage.label(air)
+    edges = np.unique(np.concatenate([labels[[0, -1]].ravel(), labels[:, [0, -1]].ravel()]))
+    return air & ~np.isin(labels, edges)
+
+
+def cardiac_diameter_mm(volume_hu: np.ndarray, spacing_mm: Sequence[float], box_voxel: Sequence[int]) -> float | None:
+    """The transverse cardiac diameter: the widest left-right extent (mm), on any slice of the
+    middle third of a half-open voxel box of ``volume_hu`` [k, r, c], of the blood inside the chest
+    wall that fills most of that slice's middle; ``None`` where none does.
+
+    Blood is soft tissue whose local mean over soft tissue alone (`TISSUE_MEAN_MM`) is below
+    `BLOOD_LIVER_HU`: the liver's dome lies beside a large heart on the same slice. A large heart
+    also touches the front chest wall, whose muscle has the blood's density: the wall is cut away
+    as deep as the lungs lie under the surface (plus `WALL_MARGIN_MM`)."""
+    spacing = np.asarray(spacing_mm, dtype=float)
+    box = np.asarray(box_voxel, dtype=int)
+    size = box[3:] - box[:3]
+    widest = 0
+    for k in range(box[0] + size[0] // 3, box[0] + max(size[0] - size[0] // 3, size[0] // 3 + 1)):
+        plane = volume_hu[k].astype(np.float32)
+        light = ndimage.gaussian_filter(plane, sigma=HEART_SMOOTH_MM / spacing[1:])
+        lungs = _lungs(light)
+        if not lungs.any():
+            continue
+        depth = ndimage.distance_transform_edt(~((light < LUNG_HU) & ~lungs), sampling=spacing[1:])
+        tissue = (light > HEART_HU[0]) & (light < HEART_HU[1])
+        sigma = TISSUE_MEAN_MM / spacing[1:]
+        mean = ndimage.gaussian_filter(plane * tissue, sigma) / np.maximum(ndimage.gaussian_filter(tissue * 1.0, sigma), 1e-3)
+        blood = tissue & (mean < BLOOD_LIVER_HU) & (depth > depth[lungs].min() + WALL_MARGIN_MM)
+        labels, count = ndimage.label(ndimage.binary_opening(blood, _ball(SHEET_OPENING_MM, np.r_[1e6, spacing[1:]])[0]))
+        middle = labels[box[1] + size[1] // 3:box[4] - size[1] // 3, box[2] + size[2] // 3:box[5] - size[2] // 3]
+        filling = np.bincount(middle.ravel(), minlength=count + 1)
+        filling[0] = 0
+        if filling.max() > 0:
+            columns = np.flatnonzero((labels == filling.argmax()).any(axis=0))
+            widest = max(widest, columns[-1] - columns[0] + 1)
+    return float(widest * spacing[2]) if widest else None
+
+
+def thoracic_diameter_mm(volume_hu: np.ndarray, spacing_mm: Sequence[float]) -> float | None:
+    """The inner thoracic diameter: the widest span (mm), on any slice (every `THORAX_STEP_MM`),
+    between the outer edges of the lungs; ``None`` where the volume shows no lung."""
+    step = max(1, round(THORAX_STEP_MM / spacing_mm[0]))
+    spans = [np.flatnonzero(_lungs(plane).any(axis=0)) for plane in volume_hu[::step]]
+    widest = max((c[-1] - c[0] + 1 for c in spans if c.size), default=0)
+    return float(widest * spacing_mm[2]) if widest else None
+
+
 FLUID_HU = (-15.0, 27.0)  # simple fluid is 0-20 HU; blood and myocardium 35 or more, fat about -100
 FLUID_OPENING_MM = 2.0  # radius: the band a smoothed fat-blood boundary passes through is thinner
 

@@ -56,6 +56,11 @@ def lung_lesion_sentence(kind: str, size_mm: int, lobe: str | None) -> str:
     return f"{size_mm} mm {what} in the {lobe}." if lobe else f"{size_mm} mm {what}."
 
 
+def cardiomegaly_sentence(ratio: float, diameter_mm: float) -> str:
+    """The report's sentence for a heart of cardiothoracic ``ratio`` and transverse ``diameter_mm``."""
+    return f"Cardiomegaly: cardiothoracic ratio {ratio:.2f} (transverse cardiac diameter {diameter_mm:.0f} mm)."
+
+
 # Organ regions, not findings: a nodule keeps the lung label, pleural fluid or air the lung
 # label of its hemithorax, pericardial fluid the pericardium label (the sac around the heart).
 ANATOMY_LABELS: dict[str, int] = {
@@ -917,8 +922,7 @@ def _heart_finding(p: _Painter, anatomy: _Anatomy, kind: str, number: int) -> Fi
         box = _mark(p, sl, p.lab[sl] == _HEART, number, None)
         ratio, width = _cardiothoracic(p, anatomy)
         size = float(round(width))
-        return Finding(kind, f"Cardiomegaly: cardiothoracic ratio {ratio:.2f} (transverse cardiac diameter "
-                             f"{size:.0f} mm).", size, "heart", 1.0, box)
+        return Finding(kind, cardiomegaly_sentence(ratio, size), size, "heart", 1.0, box)
     box = _mark(p, sl, p.lab[sl] == _PERICARDIUM, number, None)  # the rim was painted as fluid
     rim = round(anatomy.heart.rim)
     return Finding(kind, f"Pericardial effusion, {rim} mm thick.", float(rim), "pericardium", 1.0, box)

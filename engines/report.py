@@ -25,9 +25,11 @@ from engines.decoding import Generation, generate
 from engines.errors import EngineError
 from engines.grounding import Candidate, ConsensusFinding, consensus, iou3d, majority_answer, needs_regrounding, vote_box
 from engines.model import Encoded, ReadoutVLM
-from engines.measure import (air_depth_mm, body_middle, fluid_depth_mm, fluid_ml, free_air_pockets,
-                             hypodense_lesion_diameter_mm, patient_side, pleural_air_box, solid_lesion_diameter_mm)
-from engines.phantom import FINDING_TYPES, MASS_MIN_MM, NORMAL_SENTENCES, QUESTIONS, TOPICS, lung_lesion_sentence
+from engines.measure import (air_depth_mm, body_middle, cardiac_diameter_mm, fluid_depth_mm, fluid_ml, free_air_pockets,
+                             hypodense_lesion_diameter_mm, patient_side, pleural_air_box, solid_lesion_diameter_mm,
+                             thoracic_diameter_mm)
+from engines.phantom import (FINDING_TYPES, MASS_MIN_MM, NORMAL_SENTENCES, QUESTIONS, TOPICS, cardiomegaly_sentence,
+                             lung_lesion_sentence)
 from engines.preprocess import BINS, ModelInput, bins_to_box, crop_extent, prepare
 from engines.prompts import FOCAL_TYPES, question_region, region_topic, topic_region
 from engines.results import Answer, Box, EngineInfo, Finding, StudyResult, TopicResult
@@ -58,6 +60,9 @@ PASSED_IOU = 0.1
 # their box (41 true ones, phantoms 8100-8259 plus 80 normals), the 10 false ones at most 3.2 mL
 # (4 of them on normal studies, where they made 4 of the 11 studies given a finding).
 PERICARDIAL_FLUID_ML = 20.0
+# A heart is enlarged when it is wider than half the chest. Measured on the truth boxes of phantoms
+# 8100-8111, the enlarged hearts' ratios were 0.63-0.69 (drawn 0.61-0.70).
+CARDIOMEGALY_RATIO = 0.5
 
 # Order matters: the first type whose words appear in a sentence names it.
 _TYPE_WORDS = (
@@ -158,6 +163,14 @@ def read_finding(text: str, box_voxel: tuple[int, ...], volume_hu: np.ndarray, s
         return kind, lung_lesion_sentence(kind, round(size), _location(text))
     if kind == "pericardial effusion" and measure(kind, fluid_ml) < PERICARDIAL_FLUID_ML:
         return None
+    if kind == "cardiomegaly":
+        diameter = measure(kind, cardiac_diameter_mm)
+        thorax = measure("thorax", lambda hu, spacing, _: thoracic_diameter_mm(hu, spacing))
+        if not diameter or not thorax:
+            return kind, text
+        if diameter / thorax <= CARDIOMEGALY_RATIO:
+            return None
+        return kind, cardiomegaly_sentence(diameter / thorax, diameter)
     if kind in MEASURED_SIZES:
         size = measure(kind, MEASURED_SIZES[kind])
         return kind, _with_size(text, size) if size else text

@@ -3,11 +3,14 @@ finding), a pneumothorax's extent."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
-from engines.measure import (air_depth_mm, body_middle, fluid_depth_mm, fluid_ml, free_air_pockets,
-                             hypodense_lesion_diameter_mm, patient_side, pleural_air_box, solid_lesion_diameter_mm)
+from engines.measure import (air_depth_mm, body_middle, cardiac_diameter_mm, fluid_depth_mm, fluid_ml, free_air_pockets,
+                             hypodense_lesion_diameter_mm, patient_side, pleural_air_box, solid_lesion_diameter_mm,
+                             thoracic_diameter_mm)
 from engines.report import PERICARDIAL_FLUID_ML, read_finding
 
 SPACING = (2.5, 0.8, 0.8)  # mm per voxel along k, r, c
@@ -94,6 +97,44 @@ def test_a_liver_lesion_is_sized_by_its_measurement_where_the_image_shows_one() 
     plain, box = liver_with_lesion(0.0)
     assert hypodense_lesion_diameter_mm(plain, SPACING, box) is None
     assert read_finding(text, box, plain, SPACING, {}) == ("hypodense lesion", text)
+
+
+CHEST_SPACING = (2.5, 1.0, 1.0)
+
+
+def chest_with_heart(radius_mm: float) -> tuple[np.ndarray, tuple[int, ...]]:
+    """In `CHEST_SPACING`: a chest wall (40 HU) round two lungs 150 mm across, a heart of blood
+    (45 HU) in 3 mm of fat touching the front wall, and the liver (60 HU) against its right side;
+    15 HU of noise. The heart's voxel box."""
+    rows, cols = np.ogrid[:160, :200]
+    plane = np.full((160, 200), -1000.0)
+    plane[10:150, 10:190] = 40
+    plane[25:135, 25:95] = plane[25:135, 105:175] = -850
+    centre = (22 + radius_mm, 100)  # into the wall, as a large heart presses on it
+    distance = np.hypot(rows - centre[0], cols - centre[1])
+    plane[(distance <= radius_mm + 3) & (rows >= 25)] = -100
+    plane[distance <= radius_mm] = 45
+    liver = (rows >= centre[0] - 10) & (rows < 140) & (cols >= 25) & (cols < 100 - radius_mm)
+    plane[liver] = 60
+    hu = np.repeat(plane[None], 12, axis=0) + np.random.default_rng(0).normal(0, 15, (12, 160, 200))
+    box = (0, int(centre[0] - radius_mm), int(100 - radius_mm), 12, int(centre[0] + radius_mm) + 1, int(100 + radius_mm) + 1)
+    return hu, box
+
+
+def test_the_heart_is_measured_between_the_lungs_apart_from_the_wall_and_liver_it_touches() -> None:
+    hu, box = chest_with_heart(45.0)
+    assert cardiac_diameter_mm(hu, CHEST_SPACING, box) == pytest.approx(91, abs=2)
+    assert thoracic_diameter_mm(hu, CHEST_SPACING) == pytest.approx(150, abs=1)
+
+
+def test_cardiomegaly_is_stated_with_the_measured_ratio_and_a_normal_heart_is_dropped() -> None:
+    text = "Cardiomegaly: cardiothoracic ratio 0.70 (transverse cardiac diameter 180 mm)."
+    hu, box = chest_with_heart(45.0)
+    kind, measured = read_finding(text, box, hu, CHEST_SPACING, {})
+    ratio, diameter = (float(v) for v in re.findall(r"(\d+(?:\.\d+)?)", measured))
+    assert kind == "cardiomegaly" and ratio == pytest.approx(91 / 150, abs=0.02) and diameter == pytest.approx(91, abs=2)
+    hu, box = chest_with_heart(30.0)  # a ratio of 0.4
+    assert read_finding(text, box, hu, CHEST_SPACING, {}) is None
 
 
 def heart_in_fat(effusion_mm: float) -> np.ndarray:
