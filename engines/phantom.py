@@ -1072,10 +1072,15 @@ def _lung_lesion(p: _Painter, anatomy: _Anatomy, kind: str, number: int, boxes: 
 
 
 def _lung_lobe(lung: _Region, side: str, point: np.ndarray) -> str:
-    """Lobe of a point: below the oblique fissure (rising backwards) is the lower lobe; on the
-    right, the horizontal fissure splits the rest into upper and middle."""
     height = (float(point[2]) - lung.split) / (lung.hi[2] - lung.split)
     depth = (float(point[1]) - lung.lo[1]) / (lung.hi[1] - lung.lo[1])
+    return lung_lobe(side, height, depth)
+
+
+def lung_lobe(side: str, height: float, depth: float) -> str:
+    """The lobe of the ``side`` lung at ``height`` (0 at its diaphragm dome, 1 at its apex) and
+    ``depth`` (0 at its front, 1 at its back): below the oblique fissure, which rises backwards, is
+    the lower lobe; on the right, the horizontal fissure splits the rest into upper and middle."""
     if height < 0.1 + 0.55 * depth:
         return f"{side} lower lobe"
     if side == "right" and height < 0.55:

@@ -26,10 +26,10 @@ from engines.errors import EngineError
 from engines.grounding import Candidate, ConsensusFinding, consensus, iou3d, majority_answer, needs_regrounding, vote_box
 from engines.model import Encoded, ReadoutVLM
 from engines.measure import (air_depth_mm, body_middle, cardiac_diameter_mm, fluid_depth_mm, fluid_ml, free_air_pockets,
-                             hypodense_lesion_diameter_mm, patient_side, pleural_air_box, solid_lesion_diameter_mm,
-                             thoracic_diameter_mm)
+                             hypodense_lesion_diameter_mm, lung_extents, lung_position, patient_side, pleural_air_box,
+                             solid_lesion_diameter_mm, thoracic_diameter_mm)
 from engines.phantom import (FINDING_TYPES, MASS_MIN_MM, NORMAL_SENTENCES, QUESTIONS, TOPICS, cardiomegaly_sentence,
-                             lung_lesion_sentence)
+                             lung_lesion_sentence, lung_lobe)
 from engines.preprocess import BINS, ModelInput, bins_to_box, crop_extent, prepare
 from engines.prompts import FOCAL_TYPES, question_region, region_topic, topic_region
 from engines.results import Answer, Box, EngineInfo, Finding, StudyResult, TopicResult
@@ -203,14 +203,15 @@ SIDED_TYPES = (*FINDING_TYPES["lungs"], *FINDING_TYPES["pleura"])
 _LOBES = ("upper lobe", "middle lobe", "lower lobe")
 
 
-def on_side(finding: Finding, side: str) -> Finding:
+def on_side(finding: Finding, side: str, lobe: str | None = None) -> Finding:
     """``finding`` with its sentence put on ``side`` (``"right"`` or ``"left"``). A lung lesion's
-    sentence is rebuilt with the lobe the decoder named, or the lung where it named none it has (the
-    left lung has no middle lobe: its counterpart, the lingula, belongs to the upper lobe)."""
+    sentence is rebuilt with ``lobe`` where it is known, else with the lobe the decoder named, or the
+    lung where it named none it has (the left lung has no middle lobe: its counterpart, the lingula,
+    belongs to the upper lobe)."""
     if finding.type in FINDING_TYPES["lungs"] and finding.size_mm is not None:
         part = next((lobe for lobe in _LOBES if lobe in (finding.location or "")), "lung")
         part = "upper lobe" if side == "left" and part == "middle lobe" else part
-        text = lung_lesion_sentence(finding.type, round(finding.size_mm), f"{side} {part}")
+        text = lung_lesion_sentence(finding.type, round(finding.size_mm), lobe or f"{side} {part}")
     else:
         text = re.sub(r"\b(right|left)\b", lambda m: side.capitalize() if m.group(1)[0].isupper() else side,
                       finding.text, flags=re.IGNORECASE)
@@ -464,8 +465,10 @@ class DemoEngine:
         topics, answers = self.assemble(sampled, volume.hu, spacing, request)
         if any(f.type in SIDED_TYPES for t in topics for f in t.findings):
             middle = body_middle(volume.hu)
+            lungs = (lung_extents(volume.hu, volume.affine, middle)
+                     if any(f.type in FINDING_TYPES["lungs"] for t in topics for f in t.findings) else None)
             for topic in topics:
-                topic.findings = [on_side(f, patient_side(volume.affine, f.box.voxel, middle))
+                topic.findings = [self._placed(f, volume.affine, middle, lungs)
                                   if f.type in SIDED_TYPES and f.box else f for f in topic.findings]
         kept = list(sampled.kept_ratio.values())
         return StudyResult(
@@ -475,6 +478,17 @@ class DemoEngine:
                    "mean_kept_ratio": round(float(np.mean(kept)), 4) if kept else None,
                    "rollouts": request.rollouts, "pruning": request.pruning},
         )
+
+
+    @staticmethod
+    def _placed(finding: Finding, affine: np.ndarray, middle: float, lungs: dict[str, tuple[float, ...]] | None) -> Finding:
+        """A lung or pleural finding on the side its box lies on; a lung lesion in the lobe its box
+        lies in, by the fissures' course (`phantom.lung_lobe`), where the lungs were found."""
+        side = patient_side(affine, finding.box.voxel, middle)
+        lobe = None
+        if lungs and finding.type in FINDING_TYPES["lungs"]:
+            lobe = lung_lobe(side, *lung_position(lungs[side], affine, finding.box.voxel))
+        return on_side(finding, side, lobe)
 
 
 class ReportEngine(DemoEngine):

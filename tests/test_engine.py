@@ -199,6 +199,24 @@ def test_a_finding_is_put_on_the_side_of_the_body_its_box_lies_on(monkeypatch):
                     "10 mm hypodense lesion in the right hepatic lobe.": "right hepatic lobe"}  # a liver's lobe is no side
 
 
+def test_a_lung_lesion_takes_the_lobe_its_box_lies_in(monkeypatch):
+    engine = create_engine("demo")
+    hu = np.full((60, 100, 120), -1000.0)
+    hu[:, 10:90, 5:115] = 40
+    for first, last in ((15, 55), (65, 105)):  # two lungs, their domes at slice 20, apices at 55
+        hu[20:56, 20:80, first:last] = -850
+        hu[10:20, 20:80, first + 15:last - 15] = -850
+    affine = np.array([[0, 0, 1.0, 0], [0, 1.0, 0, 0], [2.5, 0, 0, 0], [0, 0, 0, 1]])
+    volume = Volume(hu, affine, (), (), (), "1.2.3", "1.2.3.4", "1.2.3.5")
+    low_at_the_back, high_in_front = Box((22, 70, 30, 24, 74, 34)), Box((50, 22, 80, 52, 26, 84))
+    stated = {"lungs": [Finding("nodule", "12 mm solid nodule in the right upper lobe.", 12, "right upper lobe", 0.4, low_at_the_back),
+                        Finding("nodule", "9 mm solid nodule in the left lower lobe.", 9, "left lower lobe", 0.4, high_in_front)]}
+    monkeypatch.setattr(engine, "sample", lambda *_: SimpleNamespace(kept_ratio={}, timings={}))
+    monkeypatch.setattr(engine, "assemble", lambda *_: ([TopicResult(t, False, fs) for t, fs in stated.items()], []))
+    said = [f.location for t in engine.run(volume, ReadRequest(questions=())).topics for f in t.findings]
+    assert said == ["right lower lobe", "left upper lobe"]
+
+
 @pytest.mark.slow
 def test_readout_run_writes_findings_sr_seg_and_key_images(make_phantom_study, tmp_path, capsys):
     study = make_phantom_study(9005, {"lungs": ["mass"], "pleura": ["pleural effusion"], "heart": ["cardiomegaly"],

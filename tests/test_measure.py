@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from engines.measure import (air_depth_mm, body_middle, cardiac_diameter_mm, fluid_depth_mm, fluid_ml, free_air_pockets,
-                             hypodense_lesion_diameter_mm, patient_side, pleural_air_box, solid_lesion_diameter_mm,
-                             thoracic_diameter_mm)
+                             hypodense_lesion_diameter_mm, lung_extents, lung_position, patient_side, pleural_air_box,
+                             solid_lesion_diameter_mm, thoracic_diameter_mm)
+from engines.phantom import lung_lobe
 from engines.report import PERICARDIAL_FLUID_ML, read_finding
 
 SPACING = (2.5, 0.8, 0.8)  # mm per voxel along k, r, c
@@ -213,3 +214,34 @@ def test_the_side_is_the_patients_whichever_way_the_columns_run() -> None:
     columns_to_right[0, 2] = -0.8  # the image stored flipped left to right
     assert patient_side(columns_to_right, low_columns, body_middle(hu)) == "left"
 
+
+
+def chest_with_lungs() -> np.ndarray:
+    """A body (40 HU) in air with two lungs: each full from slice 20 (its dome) to 55 (its apex),
+    rows 20-79, and narrower below the dome (its recesses, slices 10-19)."""
+    hu = np.full((60, 100, 120), -1000.0)
+    hu[:, 10:90, 5:115] = 40
+    for first, last in ((15, 55), (65, 105)):
+        hu[20:56, 20:80, first:last] = -850
+        hu[10:20, 20:80, first + 15:last - 15] = -850
+    return hu
+
+
+def test_a_lung_lesion_is_placed_by_height_over_the_dome_and_depth_whichever_way_the_slices_run() -> None:
+    hu = chest_with_lungs()
+    upwards = np.array([[0, 0, 1.0, 0], [0, 1.0, 0, 0], [2.5, 0, 0, 0], [0, 0, 0, 1]])  # k from feet to head
+    dome, apex, front, back = lung_extents(hu, upwards, body_middle(hu))["right"]
+    assert dome == pytest.approx(20 * 2.5, abs=2.5) and apex == pytest.approx(55 * 2.5)
+    assert (front, back) == (20, 78)  # every second row
+    # The same chest stored head to feet: the same places.
+    downwards = upwards.copy()
+    downwards[2] = [-2.5, 0, 0, 59 * 2.5]
+    flipped = hu[::-1]
+    for box in ((22, 70, 30, 24, 74, 34), (50, 22, 30, 52, 26, 34)):
+        stored = (60 - box[3], *box[1:3], 60 - box[0], *box[4:])
+        here = lung_position(lung_extents(hu, upwards, body_middle(hu))["right"], upwards, box)
+        there = lung_position(lung_extents(flipped, downwards, body_middle(flipped))["right"], downwards, stored)
+        assert here == pytest.approx(there, abs=0.02)
+    height, depth = lung_position((dome, apex, front, back), upwards, (22, 70, 30, 24, 74, 34))
+    assert lung_lobe("right", height, depth) == "right lower lobe"
+    assert lung_lobe("right", *lung_position((dome, apex, front, back), upwards, (50, 22, 30, 52, 26, 34))) == "right upper lobe"
