@@ -227,6 +227,7 @@ def patient_side(affine: np.ndarray, box_voxel: Sequence[int], middle: float) ->
 
 
 DOME_AREA_SHARE = 0.9  # the right lung's area reaches this share of its largest where its dome is
+LUNG_SAMPLE_MM = 2.0
 
 
 def lung_extents(volume_hu: np.ndarray, affine: np.ndarray, middle: float) -> dict[str, tuple[float, ...]] | None:
@@ -237,19 +238,21 @@ def lung_extents(volume_hu: np.ndarray, affine: np.ndarray, middle: float) -> di
     The dome is where the right lung's area, going up, first reaches `DOME_AREA_SHARE` of its
     largest: the lowest lung lies in the recesses round the dome. The left dome is hidden by the
     heart, which sits on it; it lies a few mm below the right (on phantoms 8100-8111, 3-9 mm) and
-    the right's stands for both. In-plane every second voxel: ample for lobes."""
-    step = 2
-    lungs = _inside_air(volume_hu[:, ::step, ::step])
+    the right's stands for both. Read on a grid about `LUNG_SAMPLE_MM` apart: ample for lobes."""
+    step = [max(1, int(LUNG_SAMPLE_MM // np.linalg.norm(affine[:3, axis]))) for axis in range(3)]
+    lungs = _inside_air(volume_hu[::step[0], ::step[1], ::step[2]])
     k, r, c = np.nonzero(lungs)
-    index = np.stack([k, r * step, c * step, np.ones_like(k)]).astype(np.float64)
+    index = np.stack([k * step[0], r * step[1], c * step[2], np.ones_like(k)]).astype(np.float64)
     x, y, z = (affine[:3] @ index)
     right = affine[0, 2] * (index[2] - middle) < 0  # patient x grows towards the left
     extents: dict[str, tuple[float, ...]] = {}
     if not right.any() or right.all():
         return None
-    bins = np.arange(z[right].min(), z[right].max() + 2.0, 2.0)
-    area, edges = np.histogram(z[right], bins=bins)
-    dome = float(edges[np.argmax(area >= DOME_AREA_SHARE * area.max())])
+    # One bin per sampled slice: the largest step in height along any of the grid's axes.
+    width = max(abs(affine[2, axis]) * step[axis] for axis in range(3))
+    low = z[right].min()
+    area = np.bincount(np.round((z[right] - low) / width).astype(np.intp))
+    dome = float(low + np.argmax(area >= DOME_AREA_SHARE * area.max()) * width)
     for side, mask in (("right", right), ("left", ~right)):
         extents[side] = (dome, float(z[mask].max()), float(y[mask].min()), float(y[mask].max()))
     return extents
