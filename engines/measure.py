@@ -1,6 +1,7 @@
 """Findings measured in the image, as a radiologist measures them on the scan rather than
-estimates them: the longest extent of a solid lung lesion, the fluid of a pericardial effusion, the
-extent of a pneumothorax.
+estimates them: the longest extent of a solid lung lesion or a liver lesion, the fluid of a
+pericardial effusion, the extent of a pneumothorax, the heart's and the chest's widths, and where in
+its lung a lesion lies.
 
 The decoder names a lung lesion and states a size, but its sizes stray far (a 23-mm nodule stated
 as a "46 mm mass"), and in the report language nodule or mass is a matter of size alone (a lesion
@@ -19,6 +20,9 @@ A pneumothorax is free air in the pleural space, darker than any aerated lung. T
 often lights only part of it (its apex, or the strip in front of the lung), so its box is taken
 from the air itself: every pocket of free air inside the body on that side of the chest; its depth
 is measured in that air.
+
+A liver lesion is a darker blob in the liver, cut halfway between the two. The heart is the blood
+between the lungs; the chest's width the lungs' outer span; their ratio tells an enlarged heart.
 """
 
 from __future__ import annotations
@@ -245,7 +249,6 @@ def lung_extents(volume_hu: np.ndarray, affine: np.ndarray, middle: float) -> di
     index = np.stack([k * step[0], r * step[1], c * step[2], np.ones_like(k)]).astype(np.float64)
     x, y, z = (affine[:3] @ index)
     right = affine[0, 2] * (index[2] - middle) < 0  # patient x grows towards the left
-    extents: dict[str, tuple[float, ...]] = {}
     if not right.any() or right.all():
         return None
     # One bin per sampled slice: the largest step in height along any of the grid's axes.
@@ -253,9 +256,8 @@ def lung_extents(volume_hu: np.ndarray, affine: np.ndarray, middle: float) -> di
     low = z[right].min()
     area = np.bincount(np.round((z[right] - low) / width).astype(np.intp))
     dome = float(low + np.argmax(area >= DOME_AREA_SHARE * area.max()) * width)
-    for side, mask in (("right", right), ("left", ~right)):
-        extents[side] = (dome, float(z[mask].max()), float(y[mask].min()), float(y[mask].max()))
-    return extents
+    return {side: (dome, float(z[mask].max()), float(y[mask].min()), float(y[mask].max()))
+            for side, mask in (("right", right), ("left", ~right))}
 
 
 def lung_position(extents: tuple[float, ...], affine: np.ndarray, box_voxel: Sequence[int]) -> tuple[float, float]:
