@@ -169,7 +169,9 @@ def read_finding(text: str, box_voxel: tuple[int, ...], volume_hu: np.ndarray, s
         return None
     if kind == "cardiomegaly":
         diameter = measure(kind, cardiac_diameter_mm)
-        thorax = measure("thorax", lambda hu, spacing, _: thoracic_diameter_mm(hu, spacing))
+        if ("thorax", ()) not in measured:  # the chest's width is the volume's, whatever the box
+            measured["thorax", ()] = thoracic_diameter_mm(volume_hu, spacing_mm)
+        thorax = measured["thorax", ()]
         if not diameter or not thorax:
             return kind, text
         if diameter / thorax <= CARDIOMEGALY_RATIO:
@@ -220,6 +222,17 @@ def on_side(finding: Finding, side: str, lobe: str | None = None) -> Finding:
         text = re.sub(r"\b(right|left)\b", lambda m: side.capitalize() if m.group(1)[0].isupper() else side,
                       finding.text, flags=re.IGNORECASE)
     return replace(finding, text=text, location=_location(text))
+
+
+def placed(finding: Finding, affine: np.ndarray, middle: float, lungs: dict[str, tuple[float, ...]] | None) -> Finding:
+    """A lung or pleural finding on the side its box lies on (`on_side`); a lung lesion in the lobe
+    its box lies in, by the fissures' course (`phantom.lung_lobe`), where the lungs were found
+    (`lung_extents`)."""
+    side = patient_side(affine, finding.box.voxel, middle)
+    lobe = None
+    if lungs and finding.type in FINDING_TYPES["lungs"]:
+        lobe = lung_lobe(side, *lung_position(lungs[side], affine, finding.box.voxel))
+    return on_side(finding, side, lobe)
 
 
 def passed_over(sampled: Sampled, topics: Sequence[str],
@@ -472,7 +485,7 @@ class DemoEngine:
             lungs = (lung_extents(volume.hu, volume.affine, middle)
                      if any(f.type in FINDING_TYPES["lungs"] for t in topics for f in t.findings) else None)
             for topic in topics:
-                topic.findings = [self._placed(f, volume.affine, middle, lungs)
+                topic.findings = [placed(f, volume.affine, middle, lungs)
                                   if f.type in SIDED_TYPES and f.box else f for f in topic.findings]
         kept = list(sampled.kept_ratio.values())
         return StudyResult(
@@ -482,17 +495,6 @@ class DemoEngine:
                    "mean_kept_ratio": round(float(np.mean(kept)), 4) if kept else None,
                    "rollouts": request.rollouts, "pruning": request.pruning},
         )
-
-
-    @staticmethod
-    def _placed(finding: Finding, affine: np.ndarray, middle: float, lungs: dict[str, tuple[float, ...]] | None) -> Finding:
-        """A lung or pleural finding on the side its box lies on; a lung lesion in the lobe its box
-        lies in, by the fissures' course (`phantom.lung_lobe`), where the lungs were found."""
-        side = patient_side(affine, finding.box.voxel, middle)
-        lobe = None
-        if lungs and finding.type in FINDING_TYPES["lungs"]:
-            lobe = lung_lobe(side, *lung_position(lungs[side], affine, finding.box.voxel))
-        return on_side(finding, side, lobe)
 
 
 class ReportEngine(DemoEngine):
