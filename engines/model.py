@@ -250,6 +250,12 @@ class ReadoutVLM(nn.Module):
 
     # --- vision ---------------------------------------------------------------------------
 
+    def vision(self) -> list[nn.Module]:
+        """The modules `encode` runs (training freezes them once the decoder learns)."""
+        return [self.stem, self.finding_heads, self.finding_head, self.finding_context, self.finding_refine,
+                self.finding_fine, self.finding_lesions, self.axis_position, self.geometry, self.encoder,
+                self.encoder_norm]
+
     def encode(self, image: torch.Tensor, grid_spacing_mm: torch.Tensor) -> Encoded:
         """[B, C, D, H, W] windows + [B, 3] mm per grid cell → tokens and finding maps."""
         c = self.config

@@ -110,7 +110,40 @@ def test_detect_phase_trains_only_the_encoder_and_its_finding_maps(model, tokeni
     assert model.finding_refine[-1].weight.grad.abs().sum() > 0 and model.finding_fine[-1].weight.grad.abs().sum() > 0
     assert model.finding_lesions[-1].weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in model.decoder.parameters())
-    assert training._phase(0.0) == "detect" and training._phase(training.DETECT_UNTIL) == "off"
+    # `vision()` names exactly what these losses train: the modules frozen once the decoder learns.
+    trained = {name for name, p in model.named_parameters() if p.grad is not None}
+    named = {name for name, p in model.named_parameters()}
+    frozen = {id(p) for module in model.vision() for p in module.parameters()}
+    assert trained == {name for name, p in model.named_parameters() if id(p) in frozen} and trained < named
+
+
+def test_each_stage_warms_up_and_decays_its_own_learning_rate():
+    d = training.DETECT_UNTIL
+    assert training._phase(0.0) == "detect" and training._phase(d) == "off" and training._phase(0.999) == "hard"
+    assert training._learning_rate(training._stage_progress(0.0, d)) == 0.0
+    assert training._learning_rate(training._stage_progress(d, d)) == 0.0  # the decoder's stage starts afresh
+    peak = training._learning_rate(training._stage_progress(d + training.WARMUP * (1 - d), d))
+    assert peak == pytest.approx(training.LEARNING_RATE)
+    assert training._learning_rate(training._stage_progress(d * 0.999, d)) < 1e-3 * peak
+
+
+def test_cached_encoding_is_the_encoders_output_computed_once(model, tokenizer):
+    examples = [training.make_example(seed, tokenizer) for seed in (10_000_000, 10_000_001)]
+    fresh = training.collate(examples, torch.device("cpu"))
+    batch = training.collate(examples, torch.device("cpu"), 1.0, random.Random(0), images=False)
+    assert batch.image is None and batch.volume_corrupted.sum() == 2  # each example's first volume
+    with torch.no_grad():
+        expected = model.encode(fresh.image, fresh.spacing)
+    cached = training.cached_encoding(model, examples, batch, random.Random(0))
+    clean = ~batch.volume_corrupted
+    assert cached.tokens.shape == expected.tokens.shape
+    assert torch.allclose(cached.tokens[clean], expected.tokens[clean], atol=1e-5)
+    assert not torch.allclose(cached.tokens[~clean], expected.tokens[~clean], atol=1e-3)
+    kept = [ex.encoded for ex in examples]
+    again = training.cached_encoding(model, examples, training.collate(examples, torch.device("cpu"), images=False),
+                                     random.Random(1))
+    assert all(ex.encoded is k for ex, k in zip(examples, kept))
+    assert torch.allclose(again.finding_logits, expected.finding_logits, atol=1e-5)
 
 
 def test_finding_maps_mark_each_findings_type_where_it_lies(tokenizer):
@@ -293,3 +326,5 @@ def test_training_can_start_from_saved_weights(tmp_path, monkeypatch):
     fresh = ReadoutVLM(first.config)
     drift = lambda a, b: (a.token_embed.weight - b.token_embed.weight).abs().mean()  # noqa: E731
     assert drift(second, first) < drift(second, fresh) / 5
+    # With no detect stage of its own, the second run trained the decoder alone: the encoder stayed as it was.
+    assert all(torch.equal(a, b) for a, b in zip(second.stem.parameters(), first.stem.parameters()))
