@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := dcmtk orthanc orthanc-python orthanc-dicomweb
 
-.PHONY: install demo test test-fast test-slow bench
+.PHONY: install demo test bench
 
 install: $(VENV)/.installed
 

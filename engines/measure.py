@@ -1,5 +1,5 @@
 """Findings measured in the image, as a radiologist measures them on the scan rather than
-estimates them: the longest extent of a solid lung lesion or a liver lesion, the fluid of a
+estimates them: the longest extent of a solid lung lesion, a liver lesion or a bone lesion, the fluid of a
 pericardial effusion, the extent of a pneumothorax, the heart's and the chest's widths, and where in
 its lung a lesion lies.
 
@@ -21,7 +21,8 @@ often lights only part of it (its apex, or the strip in front of the lung), so i
 from the air itself: every pocket of free air inside the body on that side of the chest; its depth
 is measured in that air.
 
-A liver lesion is a darker blob in the liver, cut halfway between the two. The heart is the blood
+A liver lesion is a darker blob in the liver, cut halfway between the two; a bone lesion a darker
+(lytic) or brighter (sclerotic) blob in a vertebral body's cancellous bone. The heart is the blood
 between the lungs; the chest's width the lungs' outer span; their ratio tells an enlarged heart.
 """
 
@@ -117,6 +118,60 @@ def hypodense_lesion_diameter_mm(volume_hu: np.ndarray, spacing_mm: Sequence[flo
     cells = np.argwhere(labels == filling.argmax())
     return float(((cells.max(0) - cells.min(0) + 1) * spacing).max())
 
+
+
+BONE_SMOOTH_MM = 1.0
+# A vertebral body's cancellous bone is 250-350 HU; lytic lesions in it 0-100, sclerotic ones 600-1200,
+# its cortex about 1000.
+CANCELLOUS_HU = (150.0, 550.0)
+BONE_CONTRAST_HU = 100.0
+IN_SLICE = np.array([np.zeros((3, 3)), [[0, 1, 0], [1, 1, 1], [0, 1, 0]], np.zeros((3, 3))], dtype=bool)
+
+
+def bone_lesion_diameter_mm(volume_hu: np.ndarray, spacing_mm: Sequence[float], box_voxel: Sequence[int],
+                            sclerotic: bool) -> float | None:
+    """The longest axis-aligned extent (mm) of the lytic (darker) or sclerotic (brighter) lesion in
+    a half-open voxel box of ``volume_hu`` [k, r, c], or ``None`` where the box's middle differs by
+    less than `BONE_CONTRAST_HU` from the cancellous bone round it, or the lesion found runs out of
+    the box's margin (into the tissue round the bone).
+
+    As for a liver lesion, the smoothed HU is cut halfway between the box's middle and the bone
+    round it; an opening cuts the thin cortex a sclerotic lesion touches."""
+    spacing = np.asarray(spacing_mm, dtype=float)
+    box = np.asarray(box_voxel, dtype=int)
+    margin = np.round(MARGIN_MM / spacing).astype(int)
+    lo = np.maximum(0, box[:3] - margin)
+    hi = np.minimum(volume_hu.shape, box[3:] + margin)
+    values = volume_hu[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]].astype(np.float32)
+    smooth = ndimage.gaussian_filter(values, sigma=BONE_SMOOTH_MM / spacing)
+    start, size = box[:3] - lo, box[3:] - box[:3]
+    middle = tuple(slice(b + n // 3, b + max(n - n // 3, n // 3 + 1)) for b, n in zip(start, size))
+    around = (smooth > CANCELLOUS_HU[0]) & (smooth < CANCELLOUS_HU[1])
+    around[tuple(slice(b, b + n) for b, n in zip(start, size))] = False
+    core, rim = smooth[middle], smooth[around]
+    if core.size == 0 or rim.size == 0:
+        return None
+    sign = 1.0 if sclerotic else -1.0
+    lesion, bone = np.percentile(core, 75 if sclerotic else 25), np.median(rim)
+    if sign * (lesion - bone) < BONE_CONTRAST_HU:
+        return None
+    cut = (lesion + bone) / 2
+    if sclerotic:
+        changed = ndimage.binary_opening(smooth > cut, _ball(EDGE_OPENING_MM, spacing))
+    else:
+        # Disc and muscle are as dark as a lytic lesion, which may touch its vertebra's end plate:
+        # the lesion is what the bone encloses in each axial slice.
+        bone = smooth > cut
+        changed = ndimage.binary_fill_holes(bone, structure=IN_SLICE) & ~bone
+    labels, count = ndimage.label(changed)
+    filling = np.bincount(labels[middle].ravel(), minlength=count + 1)
+    filling[0] = 0
+    if filling.max() == 0:
+        return None
+    cells = np.argwhere(labels == filling.argmax())
+    if (cells.min(0) == 0).any() or (cells.max(0) == np.array(smooth.shape) - 1).any():
+        return None
+    return float(((cells.max(0) - cells.min(0) + 1) * spacing).max())
 
 HEART_HU = (-30.0, 120.0)  # blood is 35-50 HU; the fat round the heart about -100, bone brighter
 HEART_SMOOTH_MM = 0.7  # against noise, thinner than the heart's fat rim (2 mm or more)

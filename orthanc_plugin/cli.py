@@ -268,7 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     training.add_argument("--init", metavar="WEIGHTS", help="start from these weights (path without suffix) instead of fresh ones")
     training.add_argument("--detect-share", type=float, metavar="SHARE",
-                          help="share of the run that trains the finding maps alone (default 0.2, none with --init)")
+                          help="share of the run that trains the finding maps alone, before the decoder learns on the frozen "
+                               "encoder (default 0.45, none with --init)")
     training.set_defaults(run=cmd_train)
 
     serve = commands.add_parser("serve", help="start Orthanc with Readout and DICOMweb in the foreground")

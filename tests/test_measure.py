@@ -8,10 +8,10 @@ import re
 import numpy as np
 import pytest
 
-from engines.measure import (air_depth_mm, body_middle, cardiac_diameter_mm, fluid_depth_mm, fluid_ml, free_air_pockets,
-                             hypodense_lesion_diameter_mm, lung_extents, lung_position, patient_side, pleural_air_box,
-                             solid_lesion_diameter_mm, thoracic_diameter_mm)
-from engines.phantom import lung_lobe
+from engines.measure import (air_depth_mm, body_middle, bone_lesion_diameter_mm, cardiac_diameter_mm, fluid_depth_mm,
+                             fluid_ml, free_air_pockets, hypodense_lesion_diameter_mm, lung_extents, lung_position,
+                             patient_side, pleural_air_box, solid_lesion_diameter_mm, thoracic_diameter_mm)
+from engines.phantom import lung_lobe, render_phantom
 from engines.report import PERICARDIAL_FLUID_ML, read_finding
 
 SPACING = (2.5, 0.8, 0.8)  # mm per voxel along k, r, c
@@ -98,6 +98,24 @@ def test_a_liver_lesion_is_sized_by_its_measurement_where_the_image_shows_one() 
     plain, box = liver_with_lesion(0.0)
     assert hypodense_lesion_diameter_mm(plain, SPACING, box) is None
     assert read_finding(text, box, plain, SPACING, {}) == ("hypodense lesion", text)
+
+
+@pytest.mark.parametrize("seed,kind", [(8100, "lytic lesion"), (8108, "sclerotic lesion")])
+def test_a_bone_lesion_is_measured_in_its_vertebral_body(seed: int, kind: str) -> None:
+    """Phantom 8100's 15-mm lytic lesion touches its vertebra's end plate, and the disc beyond is as dark."""
+    only = {"lungs": [], "pleura": [], "heart": [], "liver": [], "bones": [kind]}
+    phantom = render_phantom(seed, findings=only)
+    spacing = (phantom.slice_spacing_mm, phantom.pixel_spacing_mm, phantom.pixel_spacing_mm)
+    lesion = next(f for t in phantom.truth.topics for f in t.findings)
+    sclerotic = kind == "sclerotic lesion"
+    size = bone_lesion_diameter_mm(phantom.hu, spacing, lesion.box.voxel, sclerotic)
+    assert size == pytest.approx(lesion.size_mm, abs=phantom.slice_spacing_mm)
+    assert bone_lesion_diameter_mm(phantom.hu, spacing, lesion.box.voxel, not sclerotic) is None
+    normal = render_phantom(seed, normal=True)
+    assert bone_lesion_diameter_mm(normal.hu, spacing, lesion.box.voxel, sclerotic) is None
+    stated = f"{round(lesion.size_mm) + 12} mm {kind} in the T9 vertebral body."
+    assert read_finding(stated, lesion.box.voxel, phantom.hu, spacing, {}) == (
+        kind, stated.replace(f"{round(lesion.size_mm) + 12} mm", f"{round(size)} mm"))
 
 
 CHEST_SPACING = (2.5, 1.0, 1.0)
