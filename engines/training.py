@@ -327,18 +327,15 @@ def cached_encoding(model: ReadoutVLM, examples: list[Example], batch: Batch, rn
     for ex in examples:
         if ex.encoded is None:
             ex.encoded = model.encode(_image_tensor(ex.images, device), torch.tensor(ex.spacings, device=device))
-        encoded = ex.encoded
         if batch.volume_corrupted[v]:
             if ex.encoded_corrupted is None:
                 ex.encoded_corrupted = model.encode(_image_tensor([corrupt(ex.images[0], rng)], device),
                                                     torch.tensor(ex.spacings[:1], device=device))
-            first = torch.zeros(len(ex.images), dtype=torch.bool, device=device)
-            first[0] = True
-            encoded = Encoded(torch.where(first[:, None, None], ex.encoded_corrupted.tokens, encoded.tokens),
-                              torch.where(first[:, None, None, None, None], ex.encoded_corrupted.finding_logits,
-                                          encoded.finding_logits))
-        tokens.append(encoded.tokens)
-        logits.append(encoded.finding_logits)
+            tokens += [ex.encoded_corrupted.tokens, ex.encoded.tokens[1:]]
+            logits += [ex.encoded_corrupted.finding_logits, ex.encoded.finding_logits[1:]]
+        else:
+            tokens.append(ex.encoded.tokens)
+            logits.append(ex.encoded.finding_logits)
         v += len(ex.images)
     return Encoded(torch.cat(tokens), torch.cat(logits))
 
