@@ -61,13 +61,38 @@ def solid_lesion_diameter_mm(volume_hu: np.ndarray, spacing_mm: Sequence[float],
     solid = volume_hu[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] > SOLID_HU
     inner = tuple(slice(box[a] - lo[a], max(box[a] - lo[a] + 1, box[a + 3] - lo[a])) for a in range(3))
     for radius in (OPENING_MM, SMALL_OPENING_MM):
-        labels, count = ndimage.label(ndimage.binary_opening(solid, _ball(radius, spacing)))
-        filling = np.bincount(labels[inner].ravel(), minlength=count + 1)
-        filling[0] = 0
-        if filling.max() > 0:
-            cells = np.argwhere(labels == filling.argmax())
-            return float(((cells.max(0) - cells.min(0) + 1) * spacing).max())
+        cells = _filling_component(ndimage.binary_opening(solid, _ball(radius, spacing)), inner)
+        if cells is not None:
+            return _extent_mm(cells, spacing)
     return None
+
+
+def _filling_component(mask: np.ndarray, part: tuple[slice, ...]) -> np.ndarray | None:
+    """The voxels [n, 3] of the component of ``mask`` that fills most of ``part``; ``None`` where none reaches it."""
+    labels, count = ndimage.label(mask)
+    filling = np.bincount(labels[part].ravel(), minlength=count + 1)
+    filling[0] = 0
+    return np.argwhere(labels == filling.argmax()) if filling.max() > 0 else None
+
+
+def _extent_mm(cells: np.ndarray, spacing: np.ndarray) -> float:
+    """The longest axis-aligned extent (mm) of voxels ``cells`` [n, 3]."""
+    return float(((cells.max(0) - cells.min(0) + 1) * spacing).max())
+
+
+def _smoothed_round_box(volume_hu: np.ndarray, spacing: np.ndarray, box: np.ndarray,
+                        smooth_mm: float) -> tuple[np.ndarray, tuple[slice, ...], tuple[slice, ...]]:
+    """``volume_hu`` round a half-open voxel box, `MARGIN_MM` more each side, smoothed over ``smooth_mm``
+    against noise; and, in that crop, the box and its middle third."""
+    margin = np.round(MARGIN_MM / spacing).astype(int)
+    lo = np.maximum(0, box[:3] - margin)
+    hi = np.minimum(volume_hu.shape, box[3:] + margin)
+    values = volume_hu[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]].astype(np.float32)
+    smooth = ndimage.gaussian_filter(values, sigma=smooth_mm / spacing)
+    start, size = box[:3] - lo, box[3:] - box[:3]
+    inside = tuple(slice(b, b + n) for b, n in zip(start, size))
+    middle = tuple(slice(b + n // 3, b + max(n - n // 3, n // 3 + 1)) for b, n in zip(start, size))
+    return smooth, inside, middle
 
 
 LESION_SMOOTH_MM = 1.5  # liver lesions may differ from the liver by 15 HU in noise of up to 20 HU
@@ -89,18 +114,11 @@ def hypodense_lesion_diameter_mm(volume_hu: np.ndarray, spacing_mm: Sequence[flo
     The darker component that fills most of the box's middle is the lesion; an opening cuts the
     thin band where the liver's own edge meets fat."""
     spacing = np.asarray(spacing_mm, dtype=float)
-    box = np.asarray(box_voxel, dtype=int)
-    margin = np.round(MARGIN_MM / spacing).astype(int)
-    lo = np.maximum(0, box[:3] - margin)
-    hi = np.minimum(volume_hu.shape, box[3:] + margin)
-    values = volume_hu[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]].astype(np.float32)
-    smooth = ndimage.gaussian_filter(values, sigma=LESION_SMOOTH_MM / spacing)
+    smooth, inside, middle = _smoothed_round_box(volume_hu, spacing, np.asarray(box_voxel, dtype=int), LESION_SMOOTH_MM)
     tissue = (smooth > SOFT_TISSUE_HU[0]) & (smooth < SOFT_TISSUE_HU[1])
-    start, size = box[:3] - lo, box[3:] - box[:3]
-    middle = tuple(slice(b + n // 3, b + max(n - n // 3, n // 3 + 1)) for b, n in zip(start, size))
     core = smooth[middle][tissue[middle]]
     around = tissue.copy()
-    around[tuple(slice(b, b + n) for b, n in zip(start, size))] = False
+    around[inside] = False
     rim = smooth[around]
     if core.size == 0 or rim.size == 0:
         return None
@@ -110,14 +128,8 @@ def hypodense_lesion_diameter_mm(volume_hu: np.ndarray, spacing_mm: Sequence[flo
         return None
     cut = (lesion + liver) / 2
     darker = ndimage.binary_opening(tissue & (smooth < cut), _ball(EDGE_OPENING_MM, spacing))
-    labels, count = ndimage.label(darker)
-    filling = np.bincount(labels[middle].ravel(), minlength=count + 1)
-    filling[0] = 0
-    if filling.max() == 0:
-        return None
-    cells = np.argwhere(labels == filling.argmax())
-    return float(((cells.max(0) - cells.min(0) + 1) * spacing).max())
-
+    cells = _filling_component(darker, middle)
+    return None if cells is None else _extent_mm(cells, spacing)
 
 
 BONE_SMOOTH_MM = 1.0
@@ -138,16 +150,9 @@ def bone_lesion_diameter_mm(volume_hu: np.ndarray, spacing_mm: Sequence[float], 
     As for a liver lesion, the smoothed HU is cut halfway between the box's middle and the bone
     round it; an opening cuts the thin cortex a sclerotic lesion touches."""
     spacing = np.asarray(spacing_mm, dtype=float)
-    box = np.asarray(box_voxel, dtype=int)
-    margin = np.round(MARGIN_MM / spacing).astype(int)
-    lo = np.maximum(0, box[:3] - margin)
-    hi = np.minimum(volume_hu.shape, box[3:] + margin)
-    values = volume_hu[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]].astype(np.float32)
-    smooth = ndimage.gaussian_filter(values, sigma=BONE_SMOOTH_MM / spacing)
-    start, size = box[:3] - lo, box[3:] - box[:3]
-    middle = tuple(slice(b + n // 3, b + max(n - n // 3, n // 3 + 1)) for b, n in zip(start, size))
+    smooth, inside, middle = _smoothed_round_box(volume_hu, spacing, np.asarray(box_voxel, dtype=int), BONE_SMOOTH_MM)
     around = (smooth > CANCELLOUS_HU[0]) & (smooth < CANCELLOUS_HU[1])
-    around[tuple(slice(b, b + n) for b, n in zip(start, size))] = False
+    around[inside] = False
     core, rim = smooth[middle], smooth[around]
     if core.size == 0 or rim.size == 0:
         return None
@@ -161,17 +166,12 @@ def bone_lesion_diameter_mm(volume_hu: np.ndarray, spacing_mm: Sequence[float], 
     else:
         # Disc and muscle are as dark as a lytic lesion, which may touch its vertebra's end plate:
         # the lesion is what the bone encloses in each axial slice.
-        bone = smooth > cut
-        changed = ndimage.binary_fill_holes(bone, structure=IN_SLICE) & ~bone
-    labels, count = ndimage.label(changed)
-    filling = np.bincount(labels[middle].ravel(), minlength=count + 1)
-    filling[0] = 0
-    if filling.max() == 0:
+        solid = smooth > cut
+        changed = ndimage.binary_fill_holes(solid, structure=IN_SLICE) & ~solid
+    cells = _filling_component(changed, middle)
+    if cells is None or (cells.min(0) == 0).any() or (cells.max(0) == np.array(smooth.shape) - 1).any():
         return None
-    cells = np.argwhere(labels == filling.argmax())
-    if (cells.min(0) == 0).any() or (cells.max(0) == np.array(smooth.shape) - 1).any():
-        return None
-    return float(((cells.max(0) - cells.min(0) + 1) * spacing).max())
+    return _extent_mm(cells, spacing)
 
 HEART_HU = (-30.0, 120.0)  # blood is 35-50 HU; the fat round the heart about -100, bone brighter
 HEART_SMOOTH_MM = 0.7  # against noise, thinner than the heart's fat rim (2 mm or more)
