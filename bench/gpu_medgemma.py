@@ -371,7 +371,7 @@ def measure_readout(run: Run, key: str, decoder: Gemma3Decoder, inputs: StudyInp
     stage["warmup_s"] = round(times["total_s"], 3)
     if static is not None:
         stage["decode_impl"] = decode_impl(static)
-        stage["static_slots"] = dict(static.context_slots)
+        stage["static_slots"] = decoder_slots(static)
         if static.capture_error:
             stage["capture_error"] = static.capture_error
     stage["kept_ratio"] = prompted.kept_ratio
@@ -424,6 +424,12 @@ def _prompted(decoder: Gemma3Decoder, inputs: StudyInputs, prompts: list[list[in
     return prefill_prompts(decoder, prefix, prompts, pruning)
 
 
+def decoder_slots(static: StaticDecoder) -> dict:
+    """Key/value slots of the engine's decoder: per row for each layer kind, plus the global layers'
+    shared part (``shared`` slots, one copy per ``groups`` rows)."""
+    return {**static.context_slots, "shared": static.shared_slots, "groups": static.groups}
+
+
 def decode_impl(static: StaticDecoder, compiled: bool = False) -> str:
     return ("static cache + CUDA graph" if static.graph is not None else "static cache, eager") + (
         " + torch.compile" if compiled else "")
@@ -448,7 +454,7 @@ def time_batch8(decoder: Gemma3Decoder, inputs: StudyInputs, prompts: list[list[
         per_step.append(clock.seconds(start, clock.mark()) / steps * 1000)
     out = {"batch": static.rows, "static_ms_per_step": round(median(per_step), 3),
            "static_impl": decode_impl(static, compile_step), "sampled": static.sample, "setup_s": round(setup_s, 2),
-           "static_slots": dict(static.context_slots)}
+           "static_slots": decoder_slots(static)}
     if static.capture_error:
         out["capture_error"] = static.capture_error
     return out
@@ -672,8 +678,8 @@ def render(data: dict) -> str:
                      f"{_f(step)} ({batch}) | {kept} | {counts.get('vision_encodes', '-')} / "
                      f"{counts.get('prefix_prefills', '-')} | {_f(s.get('peak_gib'), 1)} |")
     out = [head, "", *lines]
-    b8_rows = ["| path | batch | ms/step | context slots per row (full / sliding layers) | peak GiB |",
-               "|---|---|---|---|---|"]
+    b8_rows = ["| path | batch | ms/step | key/value slots: global layers (shared x copies + per row) / sliding "
+               "layers (per row) | peak GiB |", "|---|---|---|---|---|"]
     for key, name in (("b", "batch8"), ("b", "batch8_rollouts"), ("c50", "batch8"), ("c25", "batch8"),
                       ("b_compiled", None)):
         s = stages.get(key, {})
@@ -681,8 +687,9 @@ def render(data: dict) -> str:
         if "static_ms_per_step" in b8:
             slots = b8.get("static_slots", s.get("static_slots", {}))
             label = f"{key} ({b8['static_impl']}{', sampled' if b8.get('sampled') else ''})"
+            shared = f"{slots['shared']} x {slots['groups']} + " if "shared" in slots else ""  # older runs: per row only
             b8_rows.append(f"| {label} | {b8.get('batch', '-')} | {_f(b8['static_ms_per_step'])} | "
-                           f"{slots.get('full_attention', '-')} / {slots.get('sliding_attention', '-')} | "
+                           f"{shared}{slots.get('full_attention', '-')} / {slots.get('sliding_attention', '-')} | "
                            f"{_f(b8.get('peak_gib', s.get('peak_gib')), 1)} |")
     hf = stages.get("hf_static", {})
     if "ms_per_step" in hf:

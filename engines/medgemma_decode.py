@@ -4,9 +4,13 @@
 module decodes every prompt ``rollouts`` times as one batch (row = prompt * rollouts + rollout):
 
 - the buffers are allocated once, at their final size, and filled straight from the prompted
-  cache: a global layer holds a row's whole context (it can see all of it), a sliding-window
-  layer only the slots a new token can still see (position > first new position - window),
-  gathered per prompt and broadcast to its rollouts, so the prefix is never copied whole per row;
+  cache. A global layer sees a row's whole context, but most of it is the study's image prefix,
+  the same in every row: it is kept once (once per prompt when each prompt kept its own image
+  tokens), in float32, and attended to by every row's query in one matrix product
+  (`StaticDecoder._split_attention`); only the rows' own slots are stored per row. Copied per row,
+  an 85-slice prefix made each step read 22k slots per row and layer (17 ms a step at batch 8 on
+  an H200, 36 GiB of buffers; bench/RESULTS.md). A sliding-window layer keeps only the slots a
+  new token can still see (position > first new position - window), per row;
 - masks come from each slot's position and validity, as in `Gemma3Decoder.masks` (a new token
   is text, so no image block applies); slots not yet written are hidden by the causal rule;
 - every step runs the same kernels on the same addresses, so on CUDA one step is captured as a
@@ -78,9 +82,18 @@ class StaticDecoder:
         self.stop_ids = frozenset(stop_ids)
         device, batch = decoder.device, self.rows
         self.kinds = sorted(set(decoder.layer_types))
-        # Context slots per row of each layer kind: fixed here, for the life of the buffers.
+        # Layers that see the whole context split it into a shared part and the rows' own slots.
+        self.split_kinds = {k for k in self.kinds if k != "sliding_attention" or not decoder.window}
+        # Rows that share one copy of that part: all of them, or each prompt's rollouts.
+        self.groups = 1 if prompted.shared_slots else self.prompts
+        # Slots of each part, fixed here for the life of the buffers.
+        self.shared_slots = self._shared_width(prompted)
         self.context_slots = {kind: int(self._columns(prompted, kind)[1].shape[1]) for kind in self.kinds}
         slots = {kind: self.context_slots[kind] + self.steps for kind in self.kinds}
+        # Additive mask of the shared slots (0 or -inf), one row per group: padding and unused slots are hidden.
+        self.shared_bias = torch.zeros(self.groups, 1, 1, self.shared_slots, dtype=torch.float32, device=device)
+        self.shared_keys: list[torch.Tensor | None] = []
+        self.shared_values: list[torch.Tensor | None] = []
         self.kv_pos = {k: torch.zeros(batch, slots[k], dtype=torch.long, device=device) for k in self.kinds}
         self.kv_valid = {k: torch.zeros(batch, slots[k], dtype=torch.bool, device=device) for k in self.kinds}
         self.keys: list[torch.Tensor] = []
@@ -114,12 +127,20 @@ class StaticDecoder:
 
     # --- filling the buffers -------------------------------------------------------------------
 
+    def _shared_width(self, prompted: Prompted) -> int:
+        """Leading columns of the prompted cache that the split layers keep in their shared part."""
+        if self.groups == self.prompts:  # each prompt's whole context, shared by its rollouts
+            return prompted.cache.length
+        if not prompted.shared_slots:
+            raise ValueError("these buffers share one prefix among all prompts; each prompt of this cache kept its own")
+        return prompted.shared_slots
+
     def _columns(self, prompted: Prompted, kind: str) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """Which columns of the prompted cache a row of ``kind`` layers keeps: ``(index, real)``,
-        ``[P, S]`` each (``index`` None: all of them, in order); ``real`` is False on padding."""
+        """Which columns of the prompted cache a row of ``kind`` layers keeps per row: ``(index, real)``,
+        ``[P, S]`` each (``index`` None: all after the shared ones, in order); ``real`` is False on padding."""
         cache, window = prompted.cache, self.decoder.window
-        if kind != "sliding_attention" or not window:
-            return None, cache.valid
+        if kind in self.split_kinds:
+            return None, cache.valid[:, self._shared_width(prompted):]
         needed = cache.valid & (cache.pos > prompted.next_pos[:, None] - window)
         width = int(needed.sum(1).max())
         # Needed columns first, in cache order (a stable sort of "not needed").
@@ -134,13 +155,21 @@ class StaticDecoder:
                              f"{prompted.next_logits.shape[0]}")
         first = prompted.next_pos.repeat_interleave(self.rollouts)
         new = first[:, None] + torch.arange(self.steps, device=first.device)[None]
+        shared = self._shared_width(prompted)
+        if shared > self.shared_slots:
+            raise ValueError(f"the context has {shared} shared slots, the buffers hold {self.shared_slots}")
+        # The groups' rows of the prompted cache: row 0 when all prompts share the prefix.
+        group_rows = slice(0, self.groups)
+        valid = cache.valid[group_rows, :shared]
+        self.shared_bias.fill_(float("-inf"))
+        self.shared_bias[:, 0, 0, :shared].masked_fill_(valid, 0.0)
         columns = {}
         for kind in self.kinds:
             index, real = columns[kind] = self._columns(prompted, kind)
             width, capacity = real.shape[1], self.context_slots[kind]
             if width > capacity:
                 raise ValueError(f"{kind} layers need {width} context slots per row, the buffers hold {capacity}")
-            pos = cache.pos if index is None else cache.pos.gather(1, index)
+            pos = cache.pos[:, shared:] if kind in self.split_kinds else cache.pos.gather(1, index)
             self._broadcast(self.kv_pos[kind][:, :width], pos)
             self._broadcast(self.kv_valid[kind][:, :width], real)
             self.kv_valid[kind][:, width:capacity] = False
@@ -150,14 +179,22 @@ class StaticDecoder:
             self.kv_valid[kind][:, capacity:] = True
         for i, kind in enumerate(decoder.layer_types):
             index, real = columns[kind]
-            width = real.shape[1]
-            for store, source in ((self.keys, cache.keys), (self.values, cache.values)):
+            width, split = real.shape[1], kind in self.split_kinds
+            # The split layers attend in float32 (`_split_attention`); the others through SDPA, in the model's dtype.
+            for store, shared_store, source in ((self.keys, self.shared_keys, cache.keys),
+                                                (self.values, self.shared_values, cache.values)):
                 src = source[i]
                 if len(store) <= i:
                     _, heads, _, dim = src.shape
+                    dtype = torch.float32 if split else src.dtype
                     store.append(torch.zeros(self.rows, heads, self.context_slots[kind] + self.steps, dim,
-                                             dtype=src.dtype, device=src.device))
-                if index is not None:
+                                             dtype=dtype, device=src.device))
+                    shared_store.append(torch.zeros(self.groups, heads, self.shared_slots, dim, dtype=dtype,
+                                                    device=src.device) if split else None)
+                if split:
+                    shared_store[i][:, :, :shared].copy_(src[group_rows, :, :shared])
+                    src = src[:, :, shared:]
+                else:
                     src = src.gather(2, index[:, None, :, None].expand(-1, src.shape[1], -1, src.shape[3]))
                 self._broadcast(store[i][:, :, :width], src)
                 if release:
@@ -203,9 +240,36 @@ class StaticDecoder:
     # Gemma 3's attention modules call this with each layer's new key/value (one slot).
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         index = self.write_index[self.decoder.layer_types[layer_idx]]
-        self.keys[layer_idx].index_copy_(2, index, key_states)
-        self.values[layer_idx].index_copy_(2, index, value_states)
-        return self.keys[layer_idx], self.values[layer_idx]
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        keys.index_copy_(2, index, key_states.to(keys.dtype))
+        values.index_copy_(2, index, value_states.to(values.dtype))
+        return keys, values
+
+    def _split_attention(self, module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                         attention_mask: torch.Tensor, *, scaling: float, **_) -> tuple[torch.Tensor, None]:
+        """A split layer's attention for one new token per row: softmax over the group's shared
+        slots and the row's own ones (``key``/``value``, masked by ``attention_mask``) together,
+        as over their concatenation. Returns ``[rows, 1, heads, d]``, as SDPA's wrapper does."""
+        rows, heads, _, dim = query.shape
+        kv_heads = key.shape[1]
+        per_kv, groups = heads // kv_heads, self.groups
+        per_group = rows // groups
+        shared_keys, shared_values = self.shared_keys[module.layer_idx], self.shared_values[module.layer_idx]
+
+        def by_group(x: torch.Tensor) -> torch.Tensor:  # [rows, kv, per_kv, n] -> [groups, kv, rows of a group * per_kv, n]
+            return x.reshape(groups, per_group, kv_heads, per_kv, -1).transpose(1, 2).reshape(groups, kv_heads, -1, x.shape[-1])
+
+        def by_row(x: torch.Tensor) -> torch.Tensor:  # the inverse of `by_group`
+            return x.reshape(groups, kv_heads, per_group, per_kv, -1).transpose(1, 2).reshape(rows, kv_heads, per_kv, -1)
+
+        # Query head h reads key/value head h // per_kv, as Gemma 3's grouped-query attention does.
+        q = query.float().reshape(rows, kv_heads, per_kv, dim) * scaling
+        own = (q @ key.transpose(-1, -2)).masked_fill(~attention_mask, float("-inf"))
+        shared = by_row(by_group(q) @ shared_keys.transpose(-1, -2) + self.shared_bias)
+        probs = torch.cat([shared, own], -1).softmax(-1)
+        p_shared, p_own = probs.split([shared.shape[-1], own.shape[-1]], -1)
+        out = p_own @ value + by_row(by_group(p_shared) @ shared_values)
+        return out.reshape(rows, 1, heads, dim).to(query.dtype), None
 
     def _step(self) -> None:
         """Feed the last token, draw the next one; every tensor here keeps its address."""
@@ -216,18 +280,15 @@ class StaticDecoder:
         masks, rope = {}, {}
         for kind in self.kinds:
             mask = self.kv_valid[kind] & (self.kv_pos[kind] <= q_pos)
-            if kind == "sliding_attention" and decoder.window:
+            if kind not in self.split_kinds:
                 mask = mask & (self.kv_pos[kind] > q_pos - decoder.window)
-            mask = mask[:, None, None, :]
-            if decoder.eager:  # eager attention adds its mask
-                mask = torch.zeros(mask.shape, dtype=decoder.dtype, device=mask.device).masked_fill(
-                    ~mask, torch.finfo(decoder.dtype).min)
-            masks[kind] = mask
+            masks[kind] = mask[:, None, None, :]
             rope[kind] = decoder.lm.rotary_emb(hidden, q_pos, kind)
+        split = {"attend": self._split_attention}
         for i, layer in enumerate(decoder.lm.layers):
             kind = decoder.layer_types[i]
             hidden = layer(hidden, position_embeddings=rope[kind], attention_mask=masks[kind], position_ids=q_pos,
-                           cache=self)
+                           cache=self, **(split if kind in self.split_kinds else {}))
         token, entropy = self._choose(decoder.logits(hidden[:, -1]))
         drawn = self.slot + 1
         self.tokens.index_copy_(1, drawn, token[:, None])

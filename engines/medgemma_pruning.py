@@ -25,10 +25,14 @@ attention kernels); the loop, cache and masks are here so they can be read top t
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
 import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 KEEP_RULES = ("off", "threshold", "top_p", "ratio")
 KEEP_SCOPES = ("prompt", "shared")
@@ -229,6 +233,43 @@ class TokenCache:
 
 # --- The decoder loop ----------------------------------------------------------------------
 
+#: The attention implementation `Gemma3Decoder` gives the text layers: SDPA, unless a layer is
+#: called with ``attend=``, a function with SDPA's signature that then computes it instead (the
+#: decode steps keep part of their keys/values outside the layer's cache, `engines.medgemma_decode`).
+ATTENTION = "readout_sdpa"
+
+
+def _attention(module, query, key, value, attention_mask, attend=None, **kwargs):
+    return (attend or sdpa_attention_forward)(module, query, key, value, attention_mask, **kwargs)
+
+
+AttentionInterface.register(ATTENTION, _attention)
+AttentionMaskInterface.register(ATTENTION, sdpa_mask)  # the model's own forward (e.g. `generate`) masks as for SDPA
+
+#: Queries per chunk when a forward runs more than this many tokens (a study's image prefix): each
+#: chunk attends only to the slots its mask reaches (the sliding window, the causal past) instead
+#: of all of them through a dense mask; an 85-slice prefix has 22k tokens and a 1024-slot window.
+PREFILL_CHUNK = 2048
+
+
+def _reach(mask: torch.Tensor, chunk: int) -> list[tuple[int, int, int, int]]:
+    """Per chunk of queries of ``mask`` (``[B, 1, Q, KV]``): ``(q0, q1, k0, k1)``, the slots
+    ``k0 .. k1-1`` holding every one that any of its queries attends to."""
+    spans = []
+    for q0 in range(0, mask.shape[2], chunk):
+        seen = mask[:, :, q0 : q0 + chunk].flatten(0, 2).any(0)
+        spans.append(torch.stack([seen.int().argmax(), seen.shape[0] - seen.flip(0).int().argmax()]))
+    bounds = torch.stack(spans).tolist()  # one device sync for all chunks
+    return [(q0, min(q0 + chunk, mask.shape[2]), k0, k1) for q0, (k0, k1) in zip(range(0, mask.shape[2], chunk), bounds)]
+
+
+def _chunked_attention(spans, module, query, key, value, attention_mask, **kwargs):
+    """SDPA chunk by chunk of queries, each on its own span of slots (see `_reach`)."""
+    out = [sdpa_attention_forward(module, query[:, :, q0:q1], key[:, :, k0:k1], value[:, :, k0:k1],
+                                  attention_mask[:, :, q0:q1, k0:k1], **kwargs)[0] for q0, q1, k0, k1 in spans]
+    return torch.cat(out, 1), None
+
+
 
 class Gemma3Decoder:
     """Runs a loaded ``Gemma3ForConditionalGeneration``'s parts over a `TokenCache`."""
@@ -241,10 +282,10 @@ class Gemma3Decoder:
         self.layer_types = list(self.text_config.layer_types)[: self.num_layers]
         self.window = self.text_config.sliding_window
         self.image_token_id = model.config.image_token_id
-        implementation = self.text_config._attn_implementation or "eager"
-        if implementation not in ("sdpa", "eager"):
-            raise ValueError(f"attention implementation {implementation!r} is not supported; load with 'sdpa' or 'eager'")
-        self.eager = implementation == "eager"
+        implementation = self.text_config._attn_implementation
+        if implementation not in ("sdpa", ATTENTION):
+            raise ValueError(f"attention implementation {implementation!r} is not supported; load with 'sdpa'")
+        self.text_config._attn_implementation = ATTENTION
 
     @property
     def device(self) -> torch.device:
@@ -283,11 +324,7 @@ class Gemma3Decoder:
             # A query with nothing to attend to (padding) would turn into NaN and poison the
             # values it leaves in the cache; let it see every valid slot instead.
             empty = ~mask.any(-1, keepdim=True)
-            mask = (mask | (empty & cache.valid[:, None, :])).unsqueeze(1)
-            if self.eager:
-                mask = torch.zeros(mask.shape, dtype=self.dtype, device=mask.device).masked_fill(
-                    ~mask, torch.finfo(self.dtype).min)
-            out[kind] = mask
+            out[kind] = (mask | (empty & cache.valid[:, None, :])).unsqueeze(1)
         return out
 
     def run_layers(self, hidden: torch.Tensor, pos: torch.Tensor, block: torch.Tensor, cache: TokenCache,
@@ -295,11 +332,14 @@ class Gemma3Decoder:
         """Run layers ``start .. stop-1`` on ``hidden`` (whose slots `cache` already knows)."""
         stop = self.num_layers if stop is None else stop
         masks = self.masks(pos, block, cache)
-        rope = {kind: self.lm.rotary_emb(hidden, pos, kind) for kind in set(self.layer_types[start:stop])}
+        kinds = set(self.layer_types[start:stop])
+        rope = {kind: self.lm.rotary_emb(hidden, pos, kind) for kind in kinds}
+        chunked = {kind: {"attend": functools.partial(_chunked_attention, _reach(masks[kind], PREFILL_CHUNK))}
+                   if hidden.shape[1] > PREFILL_CHUNK else {} for kind in kinds}
         for i in range(start, stop):
             kind = self.layer_types[i]
             hidden = self.lm.layers[i](hidden, position_embeddings=rope[kind], attention_mask=masks[kind],
-                                       position_ids=pos, cache=cache)
+                                       position_ids=pos, cache=cache, **chunked[kind])
         return hidden
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -376,6 +416,7 @@ class Prompted:
     next_logits: torch.Tensor  # [P, vocab] float32
     next_pos: torch.Tensor  # [P] position of the first generated token
     kept_ratio: list[float] | None  # share of image tokens each prompt kept (pruning only)
+    shared_slots: int  # leading cache slots that are the same in every row (0 with a per-prompt keep)
 
 
 def prefill_prompts(decoder: Gemma3Decoder, prefix: Prefix, prompts: list[list[int]],
@@ -406,12 +447,15 @@ def prefill_prompts(decoder: Gemma3Decoder, prefix: Prefix, prompts: list[list[i
     cache.add_slots(pos, valid, block)
     hidden = decoder.run_layers(decoder.embed(ids), pos, block, cache, 0, prefix.stop)
     offset, kept_ratio = 0, None
+    per_prompt = prefix.hidden is not None and not shared
     if shared:
         hidden, cache, kept_ratio = _prune_shared(decoder, prefix, hidden, pos, valid, lengths, cache, pruning)
-    elif prefix.hidden is not None:
+    elif per_prompt:
         hidden, offset, kept_ratio = _prune(decoder, prefix, hidden, pos, lengths, cache, pruning)
     last = hidden[torch.arange(n, device=device), offset + lengths - 1]
-    return Prompted(cache, decoder.logits(last), prefix.length + lengths, kept_ratio)
+    # Every row holds the same (possibly pruned) prefix before its own tokens, unless each prompt kept its own.
+    shared_slots = 0 if per_prompt else cache.length - longest
+    return Prompted(cache, decoder.logits(last), prefix.length + lengths, kept_ratio, shared_slots)
 
 
 def _saliencies(decoder: Gemma3Decoder, prefix: Prefix, hidden: torch.Tensor, pos: torch.Tensor,

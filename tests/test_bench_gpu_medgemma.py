@@ -54,9 +54,12 @@ def test_every_path_reports_every_phase(toy):
     rollouts = stages["b"]["batch8_rollouts"]
     assert rollouts["batch"] == 8 * toy["shapes"]["rollouts"] and rollouts["sampled"] and rollouts["static_ms_per_step"] > 0
     assert stages["b"]["decode_impl"] == "static cache, eager"  # no CUDA graph on the CPU
-    # The engine's decoder keeps a window's slots on sliding layers, the whole context on global ones.
+    # The engine's decoder keeps a window's slots on sliding layers; on global ones the prefix once, the rest per row.
     slots = stages["b"]["static_slots"]
-    assert slots["full_attention"] == toy["prefix_tokens"] + max(toy["topic_tokens"])
+    assert (slots["shared"], slots["groups"]) == (toy["prefix_tokens"], 1)
+    assert slots["full_attention"] == max(toy["topic_tokens"])
+    c25 = stages["c25"]["batch8"]["static_slots"]  # each prompt kept its own image tokens: one copy per prompt
+    assert c25["groups"] == 8 and c25["full_attention"] == 0
     assert slots["sliding_attention"] < 16  # the toy model's window
 
 

@@ -359,6 +359,28 @@ def test_image_tokens_attend_both_ways(prompt_case, monkeypatch):
     assert not torch.allclose(causal_only.next_logits[0], prompt_case[4][0], atol=1e-4)
 
 
+@pytest.mark.parametrize("pruning", [None, PruningConfig("ratio", 0.5)])
+def test_a_long_prefill_attends_chunk_by_chunk_to_what_each_chunk_reaches(prompt_case, monkeypatch, pruning):
+    import engines.medgemma_pruning as pruning_module
+
+    whole = _prefill(prompt_case, pruning)
+    calls, sdpa = [], pruning_module.sdpa_attention_forward
+
+    def spy(module, query, key, *args, **kwargs):
+        calls.append((module.is_sliding, query.shape[2], key.shape[2]))
+        return sdpa(module, query, key, *args, **kwargs)
+
+    monkeypatch.setattr(pruning_module, "sdpa_attention_forward", spy)
+    monkeypatch.setattr(pruning_module, "PREFILL_CHUNK", 16)
+    chunked = _prefill(prompt_case, pruning)
+    torch.testing.assert_close(chunked.next_logits, whole.next_logits, atol=1e-4, rtol=0)
+    window, context = prompt_case[0].window, whole.cache.length
+    assert max(q for _, q, _ in calls) <= 16  # the prefix ran in chunks (the prompts' own rows are short)
+    # A sliding layer's chunk reaches back one window (and to the end of an image it is in), not to the start.
+    assert max(k for sliding, q, k in calls if sliding and q == 16) <= 16 + window + 16
+    assert any(k < context / 2 for sliding, q, k in calls if not sliding and q == 16)  # causal: the first chunks
+
+
 def _entropy(logits: torch.Tensor) -> torch.Tensor:
     probs = torch.softmax(logits.float(), -1)
     return -(probs * probs.clamp(min=1e-30).log()).sum(-1)
@@ -392,21 +414,36 @@ def test_pruned_rows_decode_as_each_prompt_alone(prompt_case):
 
 
 @pytest.mark.parametrize("pruning", [None, PruningConfig("ratio", 0.5)])
-def test_buffers_hold_the_window_on_sliding_layers_and_everything_on_global_ones(prompt_case, pruning):
+def test_buffers_hold_the_window_on_sliding_layers_and_the_prefix_once_on_global_ones(prompt_case, pruning):
     decoder = prompt_case[0]
     prompted = _prefill(prompt_case, pruning)
-    context = prompted.cache.length
+    context, own = prompted.cache.length, max(len(p) for p in prompt_case[2])
     with torch.no_grad():
         static = StaticDecoder(decoder, prompted, rollouts=2, max_new_tokens=10)
     assert static.rows == 6 and static.graph is None and static.capture_error is None  # CPU: eager steps
     assert set(decoder.layer_types) == {"sliding_attention", "full_attention"}
     assert context > 2 * decoder.window  # the prefix is much longer than the window
-    for kind, keys, values in zip(decoder.layer_types, static.keys, static.values):
+    # Unpruned, the prefix is the same in every row: kept once. A per-prompt keep: once per prompt.
+    groups, shared = (1, context - own) if pruning is None else (3, context)
+    assert prompted.shared_slots == (context - own if pruning is None else 0)
+    for kind, keys, values, shared_keys in zip(decoder.layer_types, static.keys, static.values, static.shared_keys):
         assert keys.shape == values.shape and keys.shape[0] == 6
         if kind == "sliding_attention":
-            assert keys.shape[2] <= decoder.window + 10
+            assert keys.shape[2] <= decoder.window + 10 and shared_keys is None
         else:
-            assert keys.shape[2] == context + 10
+            assert keys.shape[2] == context - shared + 10
+            assert shared_keys.shape[:3] == (groups, keys.shape[1], shared)
+
+
+def test_a_prefix_kept_once_decodes_as_a_copy_per_prompt(prompt_case):
+    prompted = _prefill(prompt_case)
+    with torch.no_grad():
+        once = StaticDecoder(prompt_case[0], prompted, rollouts=2, max_new_tokens=6)
+        per_prompt = StaticDecoder(prompt_case[0], replace(prompted, shared_slots=0), rollouts=2, max_new_tokens=6)
+        ours, theirs = once.run(), per_prompt.run()
+    assert (once.groups, per_prompt.groups) == (1, 3)
+    assert ours.tokens == theirs.tokens == [t[:6] for t in prompt_case[5] for _ in range(2)]
+    torch.testing.assert_close(torch.tensor(ours.entropies), torch.tensor(theirs.entropies), atol=1e-5, rtol=0)
 
 
 def test_a_graph_that_cannot_be_captured_falls_back_to_eager_steps(prompt_case):
