@@ -6,11 +6,12 @@ module decodes every prompt ``rollouts`` times as one batch (row = prompt * roll
 - the buffers are allocated once, at their final size, and filled straight from the prompted
   cache. A global layer sees a row's whole context, but most of it is the study's image prefix,
   the same in every row: it is kept once (once per prompt when each prompt kept its own image
-  tokens), in float32, and attended to by every row's query in one matrix product
-  (`StaticDecoder._split_attention`); only the rows' own slots are stored per row. Copied per row,
-  an 85-slice prefix made each step read 22k slots per row and layer (17 ms a step at batch 8 on
-  an H200, 36 GiB of buffers; bench/RESULTS.md). A sliding-window layer keeps only the slots a
-  new token can still see (position > first new position - window), per row;
+  tokens), in float32, and attended to by every row's query in one matrix product; only the
+  rows' own slots are stored per row. A sliding-window layer keeps only the slots a new token can
+  still see (position > first new position - window), per row;
+- every layer attends through `StaticDecoder._attend` (matrix products in float32), not SDPA: on
+  an H200 at batch 8, cuDNN's SDPA kernel took 94 us per sliding layer for one query per row
+  (bench/RESULTS.md has the step's profile);
 - masks come from each slot's position and validity, as in `Gemma3Decoder.masks` (a new token
   is text, so no image block applies); slots not yet written are hidden by the causal rule;
 - every step runs the same kernels on the same addresses, so on CUDA one step is captured as a
@@ -30,6 +31,24 @@ from engines.medgemma_pruning import Gemma3Decoder, Prompted
 
 #: Steps between the host's reads of "has every row stopped?" (each read is a device sync).
 STOP_CHECK_EVERY = 16
+#: Key/value buffers hold a multiple of this many slots, so that the attention's weighted sum of
+#: values runs as many short products, summed (`_weighted_values`). As one product over 22k
+#: slots, cuBLAS chose a matrix-vector kernel that took 0.73 ms a layer on an H200 (profile in
+#: bench/RESULTS.md); the padding slots are masked out.
+SLOT_CHUNK = 128
+
+
+def _padded(slots: int) -> int:
+    return -(-slots // SLOT_CHUNK) * SLOT_CHUNK
+
+
+def _weighted_values(probs: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``probs @ values`` (``[..., M, S] @ [..., S, d]``, S a multiple of `SLOT_CHUNK`), chunk by chunk of slots."""
+    *batch, m, slots = probs.shape
+    chunks = slots // SLOT_CHUNK
+    parts = probs.reshape(*batch, m, chunks, SLOT_CHUNK).transpose(-3, -2) @ values.reshape(
+        *batch, chunks, SLOT_CHUNK, values.shape[-1])
+    return parts.sum(-3)
 
 
 @dataclass
@@ -87,9 +106,9 @@ class StaticDecoder:
         # Rows that share one copy of that part: all of them, or each prompt's rollouts.
         self.groups = 1 if prompted.shared_slots else self.prompts
         # Slots of each part, fixed here for the life of the buffers.
-        self.shared_slots = self._shared_width(prompted)
+        self.shared_slots = _padded(self._shared_width(prompted))
         self.context_slots = {kind: int(self._columns(prompted, kind)[1].shape[1]) for kind in self.kinds}
-        slots = {kind: self.context_slots[kind] + self.steps for kind in self.kinds}
+        slots = {kind: _padded(self.context_slots[kind] + self.steps) for kind in self.kinds}
         # Additive mask of the shared slots (0 or -inf), one row per group: padding and unused slots are hidden.
         self.shared_bias = torch.zeros(self.groups, 1, 1, self.shared_slots, dtype=torch.float32, device=device)
         self.shared_keys: list[torch.Tensor | None] = []
@@ -173,23 +192,23 @@ class StaticDecoder:
             self._broadcast(self.kv_pos[kind][:, :width], pos)
             self._broadcast(self.kv_valid[kind][:, :width], real)
             self.kv_valid[kind][:, width:capacity] = False
-            self.kv_pos[kind][:, capacity:].copy_(new)
+            new_slots = slice(capacity, capacity + self.steps)  # then padding, never valid
+            self.kv_pos[kind][:, new_slots].copy_(new)
             # New slots count as valid from the start: a slot's position is only <= the
             # query's once its token has been fed, so the causal rule hides unwritten ones.
-            self.kv_valid[kind][:, capacity:] = True
+            self.kv_valid[kind][:, new_slots] = True
         for i, kind in enumerate(decoder.layer_types):
             index, real = columns[kind]
             width, split = real.shape[1], kind in self.split_kinds
-            # The split layers attend in float32 (`_split_attention`); the others through SDPA, in the model's dtype.
+            # Every layer attends in float32 (`_attend`), so its buffers are float32.
             for store, shared_store, source in ((self.keys, self.shared_keys, cache.keys),
                                                 (self.values, self.shared_values, cache.values)):
                 src = source[i]
                 if len(store) <= i:
                     _, heads, _, dim = src.shape
-                    dtype = torch.float32 if split else src.dtype
-                    store.append(torch.zeros(self.rows, heads, self.context_slots[kind] + self.steps, dim,
-                                             dtype=dtype, device=src.device))
-                    shared_store.append(torch.zeros(self.groups, heads, self.shared_slots, dim, dtype=dtype,
+                    store.append(torch.zeros(self.rows, heads, self.kv_pos[kind].shape[1], dim,
+                                             dtype=torch.float32, device=src.device))
+                    shared_store.append(torch.zeros(self.groups, heads, self.shared_slots, dim, dtype=torch.float32,
                                                     device=src.device) if split else None)
                 if split:
                     shared_store[i][:, :, :shared].copy_(src[group_rows, :, :shared])
@@ -245,31 +264,38 @@ class StaticDecoder:
         values.index_copy_(2, index, value_states.to(values.dtype))
         return keys, values
 
-    def _split_attention(self, module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                         attention_mask: torch.Tensor, *, scaling: float, **_) -> tuple[torch.Tensor, None]:
-        """A split layer's attention for one new token per row: softmax over the group's shared
-        slots and the row's own ones (``key``/``value``, masked by ``attention_mask``) together,
-        as over their concatenation. Returns ``[rows, 1, heads, d]``, as SDPA's wrapper does."""
+    def _attend(self, module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                attention_mask: torch.Tensor, *, scaling: float, **_) -> tuple[torch.Tensor, None]:
+        """Every layer's attention in a step, in float32: one new token per row over the row's own
+        slots (``key``/``value``, masked by ``attention_mask``) and, on split layers, its group's
+        shared slots, one softmax over both. Returns ``[rows, 1, heads, d]``, as SDPA's wrapper does."""
         rows, heads, _, dim = query.shape
         kv_heads = key.shape[1]
-        per_kv, groups = heads // kv_heads, self.groups
-        per_group = rows // groups
-        shared_keys, shared_values = self.shared_keys[module.layer_idx], self.shared_values[module.layer_idx]
-
-        def by_group(x: torch.Tensor) -> torch.Tensor:  # [rows, kv, per_kv, n] -> [groups, kv, rows of a group * per_kv, n]
-            return x.reshape(groups, per_group, kv_heads, per_kv, -1).transpose(1, 2).reshape(groups, kv_heads, -1, x.shape[-1])
-
-        def by_row(x: torch.Tensor) -> torch.Tensor:  # the inverse of `by_group`
-            return x.reshape(groups, kv_heads, per_group, per_kv, -1).transpose(1, 2).reshape(rows, kv_heads, per_kv, -1)
-
         # Query head h reads key/value head h // per_kv, as Gemma 3's grouped-query attention does.
-        q = query.float().reshape(rows, kv_heads, per_kv, dim) * scaling
+        q = query.float().reshape(rows, kv_heads, heads // kv_heads, dim) * scaling
         own = (q @ key.transpose(-1, -2)).masked_fill(~attention_mask, float("-inf"))
-        shared = by_row(by_group(q) @ shared_keys.transpose(-1, -2) + self.shared_bias)
-        probs = torch.cat([shared, own], -1).softmax(-1)
-        p_shared, p_own = probs.split([shared.shape[-1], own.shape[-1]], -1)
-        out = p_own @ value + by_row(by_group(p_shared) @ shared_values)
+        shared_keys = self.shared_keys[module.layer_idx]
+        if shared_keys is None:
+            out = _weighted_values(own.softmax(-1), value)
+        else:
+            shared = self._by_row(self._by_group(q) @ shared_keys.transpose(-1, -2) + self.shared_bias)
+            p_shared, p_own = torch.cat([shared, own], -1).softmax(-1).split([shared.shape[-1], own.shape[-1]], -1)
+            out = _weighted_values(p_own, value) + self._by_row(
+                _weighted_values(self._by_group(p_shared), self.shared_values[module.layer_idx]))
         return out.reshape(rows, 1, heads, dim).to(query.dtype), None
+
+    def _by_group(self, x: torch.Tensor) -> torch.Tensor:
+        """``[rows, kv, n, ...]`` to ``[groups, kv, rows of a group * n, ...]``."""
+        rows, kv_heads, n, last = x.shape
+        return (x.reshape(self.groups, rows // self.groups, kv_heads, n, last).transpose(1, 2)
+                .reshape(self.groups, kv_heads, -1, last))
+
+    def _by_row(self, x: torch.Tensor) -> torch.Tensor:
+        """The inverse of `_by_group`, for ``n`` = query heads per key/value head."""
+        groups, kv_heads, n, last = x.shape
+        per_kv = n * groups // self.rows
+        return (x.reshape(groups, kv_heads, self.rows // groups, per_kv, last).transpose(1, 2)
+                .reshape(self.rows, kv_heads, per_kv, last))
 
     def _step(self) -> None:
         """Feed the last token, draw the next one; every tensor here keeps its address."""
@@ -284,11 +310,10 @@ class StaticDecoder:
                 mask = mask & (self.kv_pos[kind] > q_pos - decoder.window)
             masks[kind] = mask[:, None, None, :]
             rope[kind] = decoder.lm.rotary_emb(hidden, q_pos, kind)
-        split = {"attend": self._split_attention}
         for i, layer in enumerate(decoder.lm.layers):
             kind = decoder.layer_types[i]
             hidden = layer(hidden, position_embeddings=rope[kind], attention_mask=masks[kind], position_ids=q_pos,
-                           cache=self, **(split if kind in self.split_kinds else {}))
+                           cache=self, attend=self._attend)
         token, entropy = self._choose(decoder.logits(hidden[:, -1]))
         drawn = self.slot + 1
         self.tokens.index_copy_(1, drawn, token[:, None])
