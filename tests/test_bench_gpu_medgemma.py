@@ -116,3 +116,13 @@ def test_a_saved_run_renders_without_the_model(toy, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "| target | value | result |" in proc.stdout and "(c) (b) + pruning, 25% kept" in proc.stdout
     assert "| b (static cache, eager, sampled) | 40 |" in proc.stdout  # the batch 8 x 5 rollouts row
+
+
+def test_the_decode_profile_lists_the_costliest_operations(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_decode_profile.py"), "--toy"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300, check=False,
+                          env={**os.environ, "OUT": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| aten::")]
+    assert len(rows) >= 10 and any("aten::bmm" in r or "aten::matmul" in r for r in rows)  # the step's own attention
+    assert (tmp_path / "gpu_decode_profile.txt").read_text().strip() == proc.stdout.strip()
