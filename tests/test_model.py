@@ -313,6 +313,7 @@ def test_training_can_start_from_saved_weights(tmp_path, monkeypatch):
 
     monkeypatch.setattr(training, "VALIDATION_SEEDS", range(8000, 8001))
     monkeypatch.setattr(training, "VOLUMES_PER_STEP", 2)
+    monkeypatch.setattr(training, "MAP_VOLUMES_PER_STEP", 2)
     quiet = dict(steps=1, workers=1, log=lambda _: None)
     earlier = training.train(tmp_path / "first", model_size=TINY, **quiet)
     assert earlier["training"]["steps"] == 1
