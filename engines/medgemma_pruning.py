@@ -270,7 +270,6 @@ def _chunked_attention(spans, module, query, key, value, attention_mask, **kwarg
     return torch.cat(out, 1), None
 
 
-
 class Gemma3Decoder:
     """Runs a loaded ``Gemma3ForConditionalGeneration``'s parts over a `TokenCache`."""
 
@@ -285,6 +284,7 @@ class Gemma3Decoder:
         implementation = self.text_config._attn_implementation
         if implementation not in ("sdpa", ATTENTION):
             raise ValueError(f"attention implementation {implementation!r} is not supported; load with 'sdpa'")
+        # SDPA still, for every caller of the model; our own loops can now pass ``attend=``.
         self.text_config._attn_implementation = ATTENTION
 
     @property
