@@ -15,7 +15,8 @@ On top of that:
 - One image prefix per study: the slices are encoded and the prefix prefilled once; every
   topic, question and rollout decodes as one batch on that prefix's keys/values
   (`engines.medgemma_pruning`), optionally with Photon-style pruning of image tokens, over
-  fixed-size key/value buffers (`engines.medgemma_decode`, a CUDA graph on the GPU).
+  fixed-size key/value buffers (`engines.medgemma_decode`, a CUDA graph on the GPU), kept
+  from one read to the next while the reads' layout stays the same.
 - MedVR: with several rollouts, boxes are voted into consensus findings whose agreement is
   the confidence, answers are majority-voted, and each box carries the entropy of its
   coordinate tokens.
@@ -40,7 +41,7 @@ import torch
 
 from engines.errors import CheckpointError
 from engines.grounding import Candidate, consensus, iou3d, majority_answer, vote_box
-from engines.medgemma_decode import decode
+from engines.medgemma_decode import KeptDecoders
 from engines.medgemma_pruning import (
     Gemma3Decoder,
     PruningConfig,
@@ -497,6 +498,7 @@ class MedGemmaEngine:
         pruning.layer_for(self.decoder.num_layers)  # validates the layer
         self.info = EngineInfo(self.name, ENGINE_VERSION)
         self.stop_ids = self._stop_ids()
+        self.decoders = KeptDecoders(self.decoder, max_new_tokens=max_new_tokens, stop_ids=self.stop_ids)
 
     @classmethod
     def from_path(cls, model_path: Path, device: str = "cpu", **kwargs) -> MedGemmaEngine:
@@ -582,8 +584,8 @@ class MedGemmaEngine:
         t3 = clock()
         prompted = prefill_prompts(self.decoder, prefix, own_ids, pruning)
         t4 = clock()
-        out = decode(self.decoder, prompted, rollouts=request.rollouts, max_new_tokens=self.max_new_tokens,
-                     stop_ids=self.stop_ids, temperature=request.temperature, seed=request.seed)
+        out = self.decoders.decode(prompted, rollouts=request.rollouts, temperature=request.temperature,
+                                   seed=request.seed)
         t5 = clock()
         rollouts: dict[str, list[Rollout]] = {name: [] for name in names}
         for row, (tokens, entropies) in enumerate(zip(out.tokens, out.entropies)):

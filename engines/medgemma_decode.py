@@ -23,6 +23,7 @@ module decodes every prompt ``rollouts`` times as one batch (row = prompt * roll
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +32,8 @@ from engines.medgemma_pruning import Gemma3Decoder, Prompted
 
 #: Steps between the host's reads of "has every row stopped?" (each read is a device sync).
 STOP_CHECK_EVERY = 16
+#: Batch layouts whose decoders `KeptDecoders` keeps: a study's read and its re-looks.
+KEPT_LAYOUTS = 2
 #: Key/value buffers hold a multiple of this many slots, so that the attention's weighted sum of
 #: values runs as many short products, summed (`_weighted_values`). As one product over 22k
 #: slots, cuBLAS chose a matrix-vector kernel that took 0.73 ms a layer on an H200 (profile in
@@ -106,8 +109,9 @@ class StaticDecoder:
         # Rows that share one copy of that part: all of them, or each prompt's rollouts.
         self.groups = 1 if prompted.shared_slots else self.prompts
         # Slots of each part, fixed here for the life of the buffers.
+        # Padded, so that a later read whose prompts are a little longer still fits (`fits`).
         self.shared_slots = _padded(self._shared_width(prompted))
-        self.context_slots = {kind: int(self._columns(prompted, kind)[1].shape[1]) for kind in self.kinds}
+        self.context_slots = {kind: _padded(self._columns(prompted, kind)[1].shape[1]) for kind in self.kinds}
         slots = {kind: _padded(self.context_slots[kind] + self.steps) for kind in self.kinds}
         # Additive mask of the shared slots (0 or -inf), one row per group: padding and unused slots are hidden.
         self.shared_bias = torch.zeros(self.groups, 1, 1, self.shared_slots, dtype=torch.float32, device=device)
@@ -145,6 +149,16 @@ class StaticDecoder:
                 # stay hidden (by position) until a real step overwrites them.
 
     # --- filling the buffers -------------------------------------------------------------------
+
+    def fits(self, prompted: Prompted, *, rollouts: int, temperature: float) -> bool:
+        """Whether `load` can take ``prompted`` for a read with these settings (the temperature is
+        part of the captured graph)."""
+        if (prompted.next_logits.shape[0], rollouts, temperature) != (self.prompts, self.rollouts, self.temperature):
+            return False
+        if self.groups != self.prompts and not prompted.shared_slots:
+            return False
+        return self._shared_width(prompted) <= self.shared_slots and all(
+            self._columns(prompted, kind)[1].shape[1] <= self.context_slots[kind] for kind in self.kinds)
 
     def _shared_width(self, prompted: Prompted) -> int:
         """Leading columns of the prompted cache that the split layers keep in their shared part."""
@@ -361,11 +375,38 @@ class StaticDecoder:
         return Generated(tokens, entropies, drawn)
 
 
+class KeptDecoders:
+    """`StaticDecoder`s kept from one read to the next, one per batch layout (prompts, rollouts,
+    temperature) for the `KEPT_LAYOUTS` used last: a read that fits its layout's buffers refills
+    them; one that does not gets new ones (the old freed first). A server's reads mostly share their
+    layout (the same rules), and so do its re-looks, so the buffers and the CUDA graph are made once
+    rather than per read; capturing the graph took 0.5-2 s on an H200 (bench/RESULTS.md)."""
+
+    def __init__(self, decoder: Gemma3Decoder, *, max_new_tokens: int, stop_ids: set[int]) -> None:
+        self.decoder, self.max_new_tokens, self.stop_ids = decoder, max_new_tokens, frozenset(stop_ids)
+        self.kept: OrderedDict[tuple, StaticDecoder] = OrderedDict()
+
+    def decode(self, prompted: Prompted, *, rollouts: int, temperature: float = 0.0, seed: int = 0) -> Generated:
+        """Decode every prompt ``rollouts`` times as one batch: sampled at ``temperature`` when
+        ``rollouts > 1`` (and temperature > 0), greedy otherwise. Stops at a stop token or after
+        ``max_new_tokens``; the stop token itself is not returned. Consumes ``prompted.cache``."""
+        layout = (prompted.next_logits.shape[0], rollouts, temperature)
+        static = self.kept.pop(layout, None)
+        if static is not None and static.fits(prompted, rollouts=rollouts, temperature=temperature):
+            static.load(prompted, release=True)
+        else:
+            static = None  # the old buffers go before new ones are made
+            while len(self.kept) >= KEPT_LAYOUTS:
+                self.kept.popitem(last=False)
+            static = StaticDecoder(self.decoder, prompted, rollouts=rollouts, max_new_tokens=self.max_new_tokens,
+                                   temperature=temperature, stop_ids=self.stop_ids, release=True)
+        self.kept[layout] = static  # the most recently used last
+        static.seed = seed  # `run` re-seeds the generator from it
+        return static.run()
+
+
 def decode(decoder: Gemma3Decoder, prompted: Prompted, *, rollouts: int, max_new_tokens: int,
            stop_ids: set[int], temperature: float = 0.0, seed: int = 0) -> Generated:
-    """Decode every prompt ``rollouts`` times as one batch: sampled at ``temperature`` when
-    ``rollouts > 1`` (and temperature > 0), greedy otherwise. Stops at a stop token or after
-    ``max_new_tokens``; the stop token itself is not returned. Consumes ``prompted.cache``."""
-    static = StaticDecoder(decoder, prompted, rollouts=rollouts, max_new_tokens=max_new_tokens,
-                           temperature=temperature, seed=seed, stop_ids=stop_ids, release=True)
-    return static.run()
+    """`KeptDecoders.decode` for a single read."""
+    return KeptDecoders(decoder, max_new_tokens=max_new_tokens, stop_ids=stop_ids).decode(
+        prompted, rollouts=rollouts, temperature=temperature, seed=seed)

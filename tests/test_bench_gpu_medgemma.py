@@ -59,10 +59,10 @@ def test_every_path_reports_every_phase(toy):
     # The engine's decoder keeps a window's slots on sliding layers; on global ones the prefix once, the rest per row.
     slots = stages["b"]["static_slots"]
     assert slots["groups"] == 1 and toy["prefix_tokens"] <= slots["shared"] < toy["prefix_tokens"] + SLOT_CHUNK
-    assert slots["full_attention"] == max(toy["topic_tokens"])
+    assert max(toy["topic_tokens"]) <= slots["full_attention"] < max(toy["topic_tokens"]) + SLOT_CHUNK
     c25 = stages["c25"]["batch8"]["static_slots"]  # each prompt kept its own image tokens: one copy per prompt
     assert c25["groups"] == 8 and c25["full_attention"] == 0
-    assert slots["sliding_attention"] < 16  # the toy model's window
+    assert slots["sliding_attention"] <= SLOT_CHUNK < toy["prefix_tokens"]  # the toy model's window (16), padded
 
 
 def test_topics_share_one_prefix_prefill(toy):

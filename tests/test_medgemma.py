@@ -431,10 +431,10 @@ def test_buffers_hold_the_window_on_sliding_layers_and_the_prefix_once_on_global
 
     for kind, keys, values, shared_keys in zip(decoder.layer_types, static.keys, static.values, static.shared_keys):
         assert keys.shape == values.shape and keys.shape[0] == 6
-        if kind == "sliding_attention":
-            assert keys.shape[2] <= padded(decoder.window + 10) and shared_keys is None
+        if kind == "sliding_attention":  # the context's slots, then the 10 new ones
+            assert keys.shape[2] <= padded(padded(decoder.window) + 10) and shared_keys is None
         else:
-            assert keys.shape[2] == padded(context - shared + 10)
+            assert keys.shape[2] == padded(padded(context - shared) + 10)
             assert shared_keys.shape[:3] == (groups, keys.shape[1], padded(shared))
 
 
@@ -645,6 +645,27 @@ def test_engine_reads_a_volume(tiny, pruning):
     else:
         assert extra["mean_kept_ratio"] is None and "kept_ratio" not in result.topics[0].extra
     assert engine.run(volume, request).to_dict()["topics"] == result.to_dict()["topics"]  # seeded
+
+
+def test_the_engine_keeps_a_decoder_per_layout_from_read_to_read(tiny):
+    model, processor = tiny
+
+    def study(seed: int):
+        return _volume(_hu(slices=12, rows=48, cols=64, seed=seed))
+
+    engine = MedGemmaEngine(model, processor, max_new_tokens=6, max_slices=8)
+    request = ReadRequest(topics=("lungs", "heart"), questions=(), rollouts=2, temperature=1.0, reground=False)
+    engine.run(study(3), request)
+    first = dict(engine.decoders.kept)
+    second = engine.run(study(4), request)  # another study, the same layout: the same buffers, refilled
+    assert dict(engine.decoders.kept) == first and len(first) == 1
+    fresh = MedGemmaEngine(model, processor, max_new_tokens=6, max_slices=8).run(study(4), request)
+    assert second.to_dict()["topics"] == fresh.to_dict()["topics"]
+    engine.run(study(4), replace(request, topics=("lungs",)))  # a re-look's layout gets its own
+    engine.run(study(5), request)
+    assert len(engine.decoders.kept) == 2 and list(engine.decoders.kept.values())[-1] is list(first.values())[0]
+    engine.run(study(5), replace(request, topics=("bones",), rollouts=3))  # a third evicts the least recent
+    assert [layout[:2] for layout in engine.decoders.kept] == [(2, 2), (1, 3)]
 
 
 def test_settings_choose_the_pruning_scope(tiny_folder, monkeypatch):
