@@ -1,7 +1,8 @@
-"""Where one decode step of the engine's decoder spends its time (issue 5): kernels per step and the
-costliest kernels, from ``torch.profiler`` over eager steps of `engines.medgemma_decode.StaticDecoder`
-at batch 8 (5 topics + 3 questions, (b): no pruning), on the MedGemma-1.5-4B-shaped model of
-`bench/gpu_medgemma.py`; then the same step replayed as a CUDA graph, timed.
+"""Where Readout's MedGemma path spends its time (issue 5): the costliest kernels, from
+``torch.profiler``, of the image prefix's prefill, of the 5 topics' prefill on it, and of eager
+decode steps of `engines.medgemma_decode.StaticDecoder` at batch 8 (5 topics + 3 questions),
+all on path (b) (no pruning) of the MedGemma-1.5-4B-shaped model of `bench/gpu_medgemma.py`;
+then the decode step replayed as a CUDA graph, timed.
 
     python bench/gpu_decode_profile.py          # GPU, real shapes (about a minute)
     python bench/gpu_decode_profile.py --toy    # CPU, toy shapes
@@ -23,9 +24,34 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gpu_medgemma as bench  # noqa: E402
 from engines.medgemma_decode import StaticDecoder  # noqa: E402
-from engines.medgemma_pruning import Gemma3Decoder, PruningConfig  # noqa: E402
+from engines.medgemma_pruning import Gemma3Decoder, PruningConfig, prefill_prefix, prefill_prompts  # noqa: E402
 
 PROFILED_STEPS = 4
+
+
+def kernel_table(prof, cuda: bool, calls: int, title: str) -> list[str]:
+    """The 25 costliest kernels (CPU: operators) of ``prof``, per one of its ``calls``."""
+    events = [e for e in prof.key_averages() if (e.device_type.name == "CUDA") == cuda]
+    attr = "device_time_total" if cuda else "self_cpu_time_total"
+    grand = sum(getattr(e, attr) for e in events) or 1
+    lines = ["", f"{title}: {sum(e.count for e in events) / calls:.0f} kernels, {grand / calls / 1000:.2f} ms"
+             + (" of kernel time" if cuda else " of CPU operator time"),
+             "", "| kernel | calls | ms | share |", "|---|---|---|---|"]
+    for e in sorted(events, key=lambda e: -getattr(e, attr))[:25]:
+        lines.append(f"| {e.key[:90]} | {e.count / calls:.0f} | {getattr(e, attr) / calls / 1000:.3f} | "
+                     f"{getattr(e, attr) / grand:.1%} |")
+    return lines
+
+
+def profiled(fn, cuda: bool, calls: int = 1):
+    """``fn`` run ``calls`` times under the profiler (after one warm-up call)."""
+    fn()
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        for _ in range(calls):
+            fn()
+        if cuda:
+            torch.cuda.synchronize()
+    return prof
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,30 +67,25 @@ def main(argv: list[str] | None = None) -> int:
     decoder = Gemma3Decoder(model)
     inputs = bench.build_inputs(model, shapes, device, dtype)
     prompts = inputs.topics + inputs.questions
+    features = bench.encode_slices(decoder, inputs.pixel_values, shapes.vision_batch)
+    ids = torch.tensor(inputs.prefix)
+    lines = [f"{bench.device_name(device)}, torch {torch.__version__}; {len(inputs.prefix)} prefix tokens, "
+             f"{len(inputs.topics)} topics"]
+
+    prof = profiled(lambda: prefill_prefix(decoder, ids, features), cuda)
+    lines += kernel_table(prof, cuda, 1, "Prefix prefill (b)")
+    prefixes = [prefill_prefix(decoder, ids, features) for _ in range(2)]  # each is consumed by its prompts
+    prof = profiled(lambda: prefill_prompts(decoder, prefixes.pop(), inputs.topics), cuda)
+    lines += kernel_table(prof, cuda, 1, f"Prompts' prefill on it, {len(inputs.topics)} topics (b)")
+    del prefixes
+
     prompted = bench._prompted(decoder, inputs, prompts, PruningConfig(), shapes)
-    steps = PROFILED_STEPS + 3
-    static = StaticDecoder(decoder, prompted, max_new_tokens=steps + 1, graph=False)
-    static.run()  # warm-up
-    activity = ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU
+    static = StaticDecoder(decoder, prompted, max_new_tokens=PROFILED_STEPS + 4, graph=False, release=True)
+    del prompted
     static.reset()
-    with profile(activities=[activity]) as prof:
-        for _ in range(PROFILED_STEPS):
-            static.step_fn()
-        if cuda:
-            torch.cuda.synchronize()
-    events = [e for e in prof.key_averages() if (e.device_type.name == "CUDA") == cuda]
-    attr = "device_time_total" if cuda else "self_cpu_time_total"
-    launches = sum(e.count for e in events) if cuda else None
-    lines = [f"{bench.device_name(device)}, torch {torch.__version__}; batch {static.rows}, "
-             f"{PROFILED_STEPS} eager steps profiled"]
-    if cuda:
-        total = sum(getattr(e, attr) for e in events) / PROFILED_STEPS / 1000
-        lines.append(f"kernels per step {launches / PROFILED_STEPS:.0f}; kernel time per step {total:.2f} ms")
-    lines += ["", "| kernel | calls per step | ms per step | share |", "|---|---|---|---|"]
-    grand = sum(getattr(e, attr) for e in events) or 1
-    for e in sorted(events, key=lambda e: -getattr(e, attr))[:25]:
-        lines.append(f"| {e.key[:90]} | {e.count / PROFILED_STEPS:.0f} | "
-                     f"{getattr(e, attr) / PROFILED_STEPS / 1000:.3f} | {getattr(e, attr) / grand:.1%} |")
+    prof = profiled(static.step_fn, cuda, PROFILED_STEPS)
+    lines += kernel_table(prof, cuda, PROFILED_STEPS, f"One decode step, batch {static.rows} (b), eager")
+    del static
     if cuda:
         graphed = StaticDecoder(decoder, bench._prompted(decoder, inputs, prompts, PruningConfig(), shapes),
                                 max_new_tokens=65, graph=True, release=True)

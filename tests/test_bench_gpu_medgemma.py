@@ -123,6 +123,10 @@ def test_the_decode_profile_lists_the_costliest_operations(tmp_path):
                           capture_output=True, text=True, timeout=300, check=False,
                           env={**os.environ, "OUT": str(tmp_path)})
     assert proc.returncode == 0, proc.stderr[-2000:]
-    rows = [line for line in proc.stdout.splitlines() if line.startswith("| aten::")]
+    titles = [line for line in proc.stdout.splitlines() if " ms of CPU operator time" in line]
+    assert [t.split(":")[0] for t in titles] == ["Prefix prefill (b)", "Prompts' prefill on it, 5 topics (b)",
+                                                 "One decode step, batch 8 (b), eager"]
+    step = proc.stdout.split("One decode step")[1]
+    rows = [line for line in step.splitlines() if line.startswith("| aten::")]
     assert len(rows) >= 10 and any("aten::bmm" in r or "aten::matmul" in r for r in rows)  # the step's own attention
     assert (tmp_path / "gpu_decode_profile.txt").read_text().strip() == proc.stdout.strip()
