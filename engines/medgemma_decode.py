@@ -82,7 +82,7 @@ class StaticDecoder:
     graph:
         Capture one step as a CUDA graph; ``None`` means "when the device is CUDA".
     compile_step:
-        ``torch.compile`` the step first (benchmarks only: compilation takes minutes).
+        ``torch.compile`` the step first (benchmarks only: with the capture, 27 s on an H200).
     release:
         Free each layer's keys/values in ``prompted.cache`` once copied (lowers the peak memory;
         the prompted cache cannot be used afterwards).
@@ -108,8 +108,8 @@ class StaticDecoder:
         self.split_kinds = {k for k in self.kinds if k != "sliding_attention" or not decoder.window}
         # Rows that share one copy of that part: all of them, or each prompt's rollouts.
         self.groups = 1 if prompted.shared_slots else self.prompts
-        # Slots of each part, fixed here for the life of the buffers.
-        # Padded, so that a later read whose prompts are a little longer still fits (`fits`).
+        # Slots of each part, fixed here for the life of the buffers; padded, so that a later read
+        # whose prompts are a little longer still fits (`fits`).
         self.shared_slots = _padded(self._shared_width(prompted))
         self.context_slots = {kind: _padded(self._columns(prompted, kind)[1].shape[1]) for kind in self.kinds}
         slots = {kind: _padded(self.context_slots[kind] + self.steps) for kind in self.kinds}
