@@ -281,24 +281,45 @@ def blob_channels(hu: np.ndarray, spacing_mm: Sequence[float], extent: Sequence[
 def _dot_filter(values: np.ndarray, sigma_mm: float, spacing_mm: Sequence[float]) -> np.ndarray:
     """The dot filter (`blob_channels`) of ``values`` at scale ``sigma_mm``; 0 wherever it is not a bright peak."""
     sigma = [sigma_mm / s for s in spacing_mm]
-    pairs = [(i, j) for i in range(3) for j in range(i, 3)]
     hessian = {}
-    for i, j in pairs:
-        order = [0, 0, 0]
-        order[i] += 1
-        order[j] += 1
-        hessian[i, j] = ndimage.gaussian_filter(values, sigma, order=order) * (sigma_mm ** 2 / (spacing_mm[i] * spacing_mm[j]))
+    # Gaussian derivatives axis by axis, each partial result shared by the Hessian entries that
+    # need it (15 one-dimensional passes instead of 18), in gaussian_filter's own order.
+    partial = {(): values}
+    for axis in range(3):
+        for orders in [key for key in partial if len(key) == axis]:
+            for order in range(3 - sum(orders)):
+                if axis == 2 and sum(orders) + order != 2:
+                    continue
+                partial[(*orders, order)] = ndimage.gaussian_filter1d(partial[orders], sigma[axis], axis, order=order)
+    for orders, h in partial.items():
+        if len(orders) == 3:
+            i, j = [a for a in range(3) for _ in range(orders[a])]
+            hessian[i, j] = h * (sigma_mm ** 2 / (spacing_mm[i] * spacing_mm[j]))
     # A negative definite matrix has a negative diagonal, and a response of at least _BLOB_FLOOR a
     # trace below -3 _BLOB_FLOOR (each eigenvalue at most the weakest): only those voxels need eigenvalues.
     where = np.nonzero((hessian[0, 0] < 0) & (hessian[1, 1] < 0) & (hessian[2, 2] < 0)
                        & (hessian[0, 0] + hessian[1, 1] + hessian[2, 2] < -3 * _BLOB_FLOOR))
-    matrices = np.empty((len(where[0]), 3, 3), np.float32)
-    for (i, j), h in hessian.items():
-        matrices[:, i, j] = matrices[:, j, i] = h[where]
-    eigen = np.linalg.eigvalsh(matrices)  # ascending: the strongest curvature first
+    strongest, weakest = extreme_eigenvalues(*(hessian[key][where] for key in ((0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2))))
     out = np.zeros(values.shape, np.float32)
-    out[where] = np.where(eigen[:, 2] < 0, eigen[:, 2] ** 2 / np.maximum(-eigen[:, 0], 1e-6), 0.0)
+    out[where] = np.where(weakest < 0, weakest ** 2 / np.maximum(-strongest, 1e-6), 0.0)
     return out
+
+
+def extreme_eigenvalues(a00: np.ndarray, a11: np.ndarray, a22: np.ndarray, a01: np.ndarray, a02: np.ndarray,
+                        a12: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The smallest and largest eigenvalues of symmetric 3x3 matrices given entry by entry (float64).
+
+    Closed form (the characteristic cubic's trigonometric roots): numpy's eigvalsh, one LAPACK call
+    per matrix, took 28% of `prepare`'s time.
+    """
+    a00, a11, a22, a01, a02, a12 = (np.asarray(a, np.float64) for a in (a00, a11, a22, a01, a02, a12))
+    mean = (a00 + a11 + a22) / 3
+    b00, b11, b22 = a00 - mean, a11 - mean, a22 - mean
+    scale = np.sqrt((b00 ** 2 + b11 ** 2 + b22 ** 2 + 2 * (a01 ** 2 + a02 ** 2 + a12 ** 2)) / 6)
+    safe = np.where(scale > 0, scale, 1.0)
+    det = (b00 * (b11 * b22 - a12 ** 2) - a01 * (a01 * b22 - a12 * a02) + a02 * (a01 * a12 - b11 * a02)) / safe ** 3
+    angle = np.arccos(np.clip(det / 2, -1.0, 1.0)) / 3
+    return mean + 2 * scale * np.cos(angle + 2 * np.pi / 3), mean + 2 * scale * np.cos(angle)
 
 
 def pool_to_tokens(mask: np.ndarray) -> np.ndarray:

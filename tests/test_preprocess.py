@@ -28,6 +28,7 @@ from engines.preprocess import (
     cell_extremes,
     crop_extent,
     density_masks,
+    extreme_eigenvalues,
     prepare,
     region_masks,
     resample_to_grid,
@@ -294,6 +295,19 @@ def test_blob_channels_light_a_ball_and_not_a_tube_of_the_same_width() -> None:
     assert bright[vessel] < 0.2 * bright[nodule]
     assert dark[lytic] == dark.max() > 0.2
     assert dense[sclerotic] == dense.max() > 0.2
+
+
+def test_extreme_eigenvalues_match_lapack_also_for_repeated_ones() -> None:
+    rng = np.random.default_rng(0)
+    matrices = rng.normal(size=(2000, 3, 3))
+    matrices += matrices.transpose(0, 2, 1)
+    matrices[:3] = np.diag([-2.0, -2.0, -2.0])  # a sphere's Hessian: one eigenvalue three times
+    matrices[3:6] = np.diag([-1.0, -1.0, -3.0])
+    matrices[6:9] = 0.0
+    smallest, largest = extreme_eigenvalues(*(matrices[:, i, j] for i, j in ((0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2))))
+    expected = np.linalg.eigvalsh(matrices)
+    np.testing.assert_allclose(smallest, expected[:, 0], atol=1e-7)
+    np.testing.assert_allclose(largest, expected[:, 2], atol=1e-7)
 
 
 def test_blob_channels_of_a_crop_match_the_whole_volumes_there_and_read_nothing_outside() -> None:
