@@ -7,7 +7,8 @@ findings of types the truth never holds count overall and on their own), median 
 findings before and after regrounding, the share of all-normal phantoms given any finding,
 yes/no answer accuracy, and the mean share of visual tokens kept. With ``ablation``: the same
 phantoms with scheduling off, with one rollout instead of consensus, without regrounding, and
-without the finding maps' check (five rollouts and one).
+without the finding maps' check (five rollouts and one). Where the weights carry calibrated
+decision thresholds, the same reads are also scored with the defaults.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import numpy as np
 
 from engines.grounding import iou3d
 from engines.phantom import Phantom, render_phantom
-from engines.report import DemoEngine, ReadRequest
+from engines.report import DemoEngine, ReadRequest, Thresholds
 from engines.results import TopicResult
 
 MATCH_IOU = 0.1
@@ -117,6 +118,9 @@ def evaluate(engine: DemoEngine, n: int, seed: int, ablation: bool = False, norm
     """Score the engine on ``n`` phantoms from ``seed`` plus ``normal_share * n`` all-normal ones."""
     request = ReadRequest()
     configs = {"consensus+regrounding": Tally()}
+    calibrated = engine.thresholds != Thresholds()
+    if calibrated:
+        configs["default thresholds"] = Tally()
     if ablation:
         configs.update({"no regrounding": Tally(), "1 rollout": Tally(), "scheduling off": Tally(),
                         "no map check": Tally(), "no map check, 1 rollout": Tally()})
@@ -129,6 +133,9 @@ def evaluate(engine: DemoEngine, n: int, seed: int, ablation: bool = False, norm
         kept = list(sampled.kept_ratio.values())
         topics, answers = engine.assemble(sampled, phantom.hu, spacing, request)
         configs["consensus+regrounding"].add(phantom, topics, answers, kept)
+        if calibrated:
+            configs["default thresholds"].add(
+                phantom, *engine.assemble(sampled, phantom.hu, spacing, request, thresholds=Thresholds()), kept)
         if ablation:
             plain = replace(request, reground=False)
             configs["no regrounding"].add(phantom, *engine.assemble(sampled, phantom.hu, spacing, plain), kept)

@@ -20,10 +20,11 @@ def create_engine(name: str, *, weights: Path | None = None, model_path: Path | 
     """
     if name == "demo":
         from engines.checkpoint import SHIPPED, load_checkpoint
-        from engines.report import DemoEngine
+        from engines.report import DemoEngine, Thresholds
 
-        model, _ = load_checkpoint(weights or SHIPPED, device)
-        return DemoEngine(model, device=device)
+        model, meta = load_checkpoint(weights or SHIPPED, device)
+        # Weights calibrated after training carry their own decision thresholds.
+        return DemoEngine(model, device=device, thresholds=Thresholds(**meta.get("thresholds", {})))
     if name == "medgemma":
         from engines.medgemma import MedGemmaEngine, PruningConfig
 

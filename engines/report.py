@@ -40,18 +40,27 @@ from engines.volume import Volume
 # Raised whenever the same weights would report differently: 0.2.0 measures sizes, the heart and lobes in the image.
 ENGINE_VERSION = "0.2.0"
 
-# A finding needs the agreement of two readers: more than MIN_AGREEMENT of the rollouts (2 of 5) and
-# the finding map of its type, whose peak inside the consensus box must reach MAP_CONFIRM. The
+# A finding needs the agreement of two readers: more than `min_agreement` of the rollouts (2 of 5) and
+# the finding map of its type, whose peak inside the consensus box must reach `map_confirm`. The
 # decoder often states a true bone lesion or pneumothorax in only two rollouts of five, and the
 # maps alone fire on normal anatomy; together, on phantoms 8100-8159 plus 20 normals, F1 for
 # findings >= 8 mm rose from 0.74 (3 of 5 rollouts, no map) to 0.79 and normal studies with a
-# finding fell from 3 to 1 of 20. Where the map is sure of a focal lesion (MAP_SURE), one rollout
+# finding fell from 3 to 1 of 20. Where the map is sure of a focal lesion (`map_sure`), one rollout
 # stating it is enough: the decoder leaves many true nodules and lytic lesions out of all but one
 # rollout (on phantoms 8100-8259 plus 20 normals, F1 >= 8 mm 0.841 -> 0.870, lytic lesions 0.44 ->
 # 0.68, nodules 0.64 -> 0.74, precision 0.955 -> 0.944, normal studies with a finding 1 of 20 both).
-MIN_AGREEMENT = 0.3
-MAP_CONFIRM = 0.8
-MAP_SURE = 0.95
+# These defaults were tuned on the shipped weights; a newly trained model is calibrated on
+# development phantoms (`engines.calibration`) and carries its own in its JSON.
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """When a consensus finding stands (see the comment above)."""
+
+    min_agreement: float = 0.3
+    map_confirm: float = 0.8
+    map_sure: float = 0.95
+
 # A focal lesion's map region that the prompt showed and the map confirms but that no finding which
 # stands meets (IoU >= PASSED_IOU) gets a second, zoomed look, as an uncertain box does; it stands if
 # the look states it there. On phantoms 8100-8259 plus 80 normals the looks stated 26 of the 37 such
@@ -110,6 +119,8 @@ class Sampled:
     decode_steps: int = 0  # tokens decoded per row (the longest answer sets it for the batch)
     measured_s: float = 0.0  # measuring findings while sampling; `assemble` adds the pneumothoraces
     regions: dict[str, list[MapCandidate]] = field(default_factory=dict)  # per topic: the map regions its prompt showed
+    # Zoomed re-looks by (topic, type, voxel box): greedy, so every `assemble` of this read can reuse them.
+    looks: dict[tuple[str, str, tuple[int, ...]], Relook | None] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -241,14 +252,14 @@ def placed(finding: Finding, affine: np.ndarray, middle: float, lungs: dict[str,
     return on_side(finding, side, lobe)
 
 
-def passed_over(sampled: Sampled, topics: Sequence[str],
-                standing: list[tuple[str, tuple[int, ...]]]) -> list[tuple[str, MapCandidate, tuple[int, ...]]]:
-    """The focal map regions each topic's prompt showed that its map confirms and that no standing
-    finding of that topic, given as (topic, voxel box), meets: (topic, region, voxel box)."""
+def passed_over(sampled: Sampled, topics: Sequence[str], standing: list[tuple[str, tuple[int, ...]]],
+                map_confirm: float) -> list[tuple[str, MapCandidate, tuple[int, ...]]]:
+    """The focal map regions each topic's prompt showed that its map confirms (peak >= ``map_confirm``)
+    and that no standing finding of that topic, given as (topic, voxel box), meets: (topic, region, voxel box)."""
     passed = []
     for topic in topics:
         for region in sampled.regions.get(topic, []):
-            if region.type not in FOCAL_TYPES or map_peak(sampled.finding_probability, region.type, region.box) < MAP_CONFIRM:
+            if region.type not in FOCAL_TYPES or map_peak(sampled.finding_probability, region.type, region.box) < map_confirm:
                 continue
             box = bins_to_box(region.box, sampled.model_input.extent, sampled.shape)
             if not any(t == topic and iou3d(v, box) >= PASSED_IOU for t, v in standing):
@@ -261,10 +272,12 @@ class DemoEngine:
 
     name = "demo"
 
-    def __init__(self, model: ReadoutVLM, tokenizer: Tokenizer | None = None, device: str = "cpu") -> None:
+    def __init__(self, model: ReadoutVLM, tokenizer: Tokenizer | None = None, device: str = "cpu",
+                 thresholds: Thresholds = Thresholds()) -> None:
         self.model = model.to(device).eval()
         self.tokenizer = tokenizer or Tokenizer()
         self.device = torch.device(device)
+        self.thresholds = thresholds
         self.info = EngineInfo(self.name, ENGINE_VERSION)
 
     # --- sampling --------------------------------------------------------------------------
@@ -385,10 +398,11 @@ class DemoEngine:
         return looks
 
     def assemble(self, sampled: Sampled, volume_hu: np.ndarray, spacing_mm, request: ReadRequest,
-                 rollouts: int | None = None) -> tuple[list[TopicResult], list[Answer]]:
+                 rollouts: int | None = None, thresholds: Thresholds | None = None) -> tuple[list[TopicResult], list[Answer]]:
         """Consensus findings per topic (using the first ``rollouts`` rollouts) that the finding maps
-        confirm, regrounded, as results."""
+        confirm, regrounded, as results (``thresholds``: the engine's unless given)."""
         n = rollouts or request.rollouts
+        limits = thresholds or self.thresholds
         shape, extent = sampled.shape, sampled.model_input.extent
         agreed: list[tuple[str, ConsensusFinding]] = []
         peaks: list[float] = []
@@ -397,10 +411,10 @@ class DemoEngine:
             for f in consensus(used, n, BINS, min_agreement=0.0):
                 peak = map_peak(sampled.finding_probability, f.type, f.box)
                 if request.map_check:
-                    stands = peak >= MAP_CONFIRM and (f.agreement > MIN_AGREEMENT
-                                                      or (f.type in FOCAL_TYPES and peak >= MAP_SURE))
+                    stands = peak >= limits.map_confirm and (f.agreement > limits.min_agreement
+                                                             or (f.type in FOCAL_TYPES and peak >= limits.map_sure))
                 else:
-                    stands = f.agreement > MIN_AGREEMENT
+                    stands = f.agreement > limits.min_agreement
                 if stands:
                     agreed.append((topic, f))
                     peaks.append(peak)
@@ -425,11 +439,14 @@ class DemoEngine:
         uncertain = [i for i, (_, f) in enumerate(agreed)
                      if request.reground and f.type in FOCAL_TYPES and needs_regrounding(f, request.entropy_threshold)
                      and not from_map[i]]
-        passed = passed_over(sampled, request.topics, [(t, v) for (t, _), v in zip(agreed, voxel)]) \
+        passed = passed_over(sampled, request.topics, [(t, v) for (t, _), v in zip(agreed, voxel)], limits.map_confirm) \
             if request.reground and request.map_check else []
         t0 = time.perf_counter()
-        looks = self.relook(volume_hu, spacing_mm, [(agreed[i][0], agreed[i][1].type, voxel[i]) for i in uncertain]
-                            + [(topic, region.type, box) for topic, region, box in passed])
+        targets = [(agreed[i][0], agreed[i][1].type, voxel[i]) for i in uncertain] \
+            + [(topic, region.type, box) for topic, region, box in passed]
+        new = [t for t in dict.fromkeys(targets) if t not in sampled.looks]
+        sampled.looks.update(zip(new, self.relook(volume_hu, spacing_mm, new)))
+        looks = [sampled.looks[t] for t in targets]
         sampled.timings["reground_s"] = time.perf_counter() - t0
         final = list(voxel)
         regrounded = [False] * len(agreed)

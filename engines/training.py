@@ -615,6 +615,10 @@ def model_card(info: dict, evaluation: str | None = None) -> str:
         f"| device | {t['device']}{', ' + t['precision'] if 'precision' in t else ''} |",
         f"| machine | {t['machine']} |",
         f"| final validation (teacher-forced) | {json.dumps(t['final_validation'])} |",
+        *([f"| decision thresholds | {json.dumps(info['thresholds'])}, calibrated on phantoms "
+           f"{info['calibration']['phantoms'][0]}-{info['calibration']['phantoms'][1]} and normal ones "
+           f"{info['calibration']['normal_phantoms'][0]}-{info['calibration']['normal_phantoms'][1]} "
+           f"in {info['calibration']['wall_time_s']} s |"] if "calibration" in info else []),
         "",
         "Training: the finding maps alone first; then, with the encoder frozen (each phantom encoded once),",
         "the decoder through no pruning, then soft (visual values x p), then hard",

@@ -28,9 +28,9 @@ BAD_INPUT_ERRORS = (VolumeError, FindingsError, EngineError, CheckpointError)
 
 
 @contextmanager
-def _progress_bar(description: str) -> Iterator[Callable[[int, int], None]]:
+def _progress_bar(description: str, unit: str = "slice") -> Iterator[Callable[[int, int], None]]:
     """A progress callback drawing a bar on stderr (silent when stderr is not a terminal)."""
-    bar = tqdm(desc=description, unit="slice", disable=None, leave=False, file=sys.stderr)
+    bar = tqdm(desc=description, unit=unit, disable=None, leave=False, file=sys.stderr)
 
     def update(done: int, total: int) -> None:
         bar.total = total
@@ -160,12 +160,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from engines.registry import create_engine
 
     engine = create_engine("demo", weights=Path(args.weights) if args.weights else None)
-    with tqdm(desc="evaluating", unit="phantom", disable=None, file=sys.stderr) as bar:
-        def progress(done: int, total: int) -> None:
-            bar.total = total
-            bar.n = done
-            bar.refresh()
-
+    with _progress_bar("evaluating", "phantom") as progress:
         results = evaluate(engine, args.n, args.seed, ablation=args.ablation, progress=progress)
     table = format_table(results)
     print(table)
@@ -184,7 +179,22 @@ def cmd_train(args: argparse.Namespace) -> int:
                  time_limit_s=args.minutes * 60 if args.minutes else None, init=Path(args.init) if args.init else None,
                  detect_share=args.detect_share)
     print(json.dumps(info["training"], indent=2))
+    if args.calibrate:
+        _calibrate(Path(args.out) / "demo")
     return EXIT_OK
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    _calibrate(Path(args.weights))
+    return EXIT_OK
+
+
+def _calibrate(stem: Path) -> None:
+    from engines.calibration import calibrate_checkpoint
+
+    with _progress_bar("calibrating", "phantom") as progress:
+        meta = calibrate_checkpoint(stem, progress)
+    print(json.dumps({"thresholds": meta["thresholds"], "calibration": meta["calibration"]}, indent=2))
 
 
 def cmd_phantom(args: argparse.Namespace) -> int:
@@ -270,7 +280,13 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument("--detect-share", type=float, metavar="SHARE",
                           help="share of the run that trains the finding maps alone, before the decoder learns on the frozen "
                                "encoder (default 0.45, none with --init)")
+    training.add_argument("--no-calibrate", dest="calibrate", action="store_false",
+                          help="skip choosing the decision thresholds on development phantoms after training")
     training.set_defaults(run=cmd_train)
+
+    calibration = commands.add_parser("calibrate", help="choose a trained model's decision thresholds on development phantoms")
+    calibration.add_argument("--weights", required=True, metavar="WEIGHTS", help="the weights (path without suffix)")
+    calibration.set_defaults(run=cmd_calibrate)
 
     serve = commands.add_parser("serve", help="start Orthanc with Readout and DICOMweb in the foreground")
     serve.add_argument("--config", help="Readout settings (default: config/readout.json)")

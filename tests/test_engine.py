@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 
 from dicom_sr.conformance import dciodvfy_errors, dsrdump_errors
-from engines.checkpoint import CheckpointError, load_checkpoint
+from engines.checkpoint import SHIPPED, CheckpointError, load_checkpoint
 from engines.phantom import render_phantom
 from engines.registry import EngineError, create_engine
 from engines.grounding import Candidate
 from engines.preprocess import BINS, FINDING_GRID, bins_to_box, box_to_bins, prepare
 from engines.prompts import MAP_TYPES
 from engines.candidates import MapCandidate
-from engines.report import MAP_CONFIRM, MAP_SURE, ReadRequest, Relook, Sampled, finding_type
+from engines.report import ReadRequest, Relook, Sampled, Thresholds, finding_type
 from engines.results import Box, Finding, StudyResult, TopicResult
 from engines.tokenizer import MAX_ANSWER_TOKENS
 from engines.volume import Volume
@@ -26,6 +26,7 @@ from orthanc_plugin.cli import main
 from tests.data.record_demo_reference import greedy_read
 
 REFERENCE = Path(__file__).parent / "data" / "demo_reference.json"
+DEFAULT = Thresholds()
 
 
 def test_shipped_weights_reproduce_the_recorded_output():
@@ -98,7 +99,7 @@ def test_a_finding_needs_two_rollouts_and_its_finding_map_or_one_and_a_sure_map(
     box = (20, 20, 20, 26, 28, 28)
     probability = np.zeros((len(MAP_TYPES), *FINDING_GRID), dtype=np.float32)
     grid = [slice(box[a] * FINDING_GRID[a] // BINS, box[a + 3] * FINDING_GRID[a] // BINS) for a in range(3)]
-    probability[(MAP_TYPES.index("nodule"), *grid)] = MAP_CONFIRM + 0.05
+    probability[(MAP_TYPES.index("nodule"), *grid)] = DEFAULT.map_confirm + 0.05
 
     def found(rollouts: int, kind: str, map_check: bool = True) -> list:
         stated = [Candidate(r, kind, f"A {kind} in the right upper lobe.", box, 0.1, True) for r in range(rollouts)]
@@ -108,16 +109,30 @@ def test_a_finding_needs_two_rollouts_and_its_finding_map_or_one_and_a_sure_map(
         return topics[0].findings
 
     [nodule] = found(2, "nodule")
-    assert nodule.extra["agreement"] == 0.4 and nodule.extra["map_probability"] == pytest.approx(MAP_CONFIRM + 0.05)
+    assert nodule.extra["agreement"] == 0.4 and nodule.extra["map_probability"] == pytest.approx(DEFAULT.map_confirm + 0.05)
     assert found(1, "nodule") == []  # one rollout of five is no consensus
     assert found(5, "mass") == []  # every rollout, but the mass map sees nothing there
     assert [f.type for f in found(2, "mass", map_check=False)] == ["mass"]  # the ablation: consensus alone
     assert found(1, "mass", map_check=False) == []
-    probability[(MAP_TYPES.index("nodule"), *grid)] = MAP_SURE + 0.01
-    probability[(MAP_TYPES.index("pneumothorax"), *grid)] = MAP_SURE + 0.01
+    probability[(MAP_TYPES.index("nodule"), *grid)] = DEFAULT.map_sure + 0.01
+    probability[(MAP_TYPES.index("pneumothorax"), *grid)] = DEFAULT.map_sure + 0.01
     assert [f.type for f in found(1, "nodule")] == ["nodule"]  # a focal lesion the map is sure of
     assert found(1, "pneumothorax") == []  # not focal: still two rollouts
     assert found(1, "nodule", map_check=False) == []  # without the check, no map can stand in for a rollout
+    # A calibrated model's thresholds: one rollout and a fainter map suffice.
+    probability[(MAP_TYPES.index("pneumothorax"), *grid)] = 0.65
+    engine.thresholds = Thresholds(min_agreement=0.1, map_confirm=0.6)
+    assert [f.type for f in found(1, "pneumothorax")] == ["pneumothorax"]
+
+
+def test_weights_that_carry_calibrated_thresholds_give_the_engine_them(tmp_path):
+    for suffix in (".safetensors", ".json"):
+        (tmp_path / f"demo{suffix}").write_bytes(SHIPPED.with_suffix(suffix).read_bytes())
+    assert create_engine("demo", weights=tmp_path / "demo").thresholds == DEFAULT
+    meta = json.loads((tmp_path / "demo.json").read_text())
+    meta["thresholds"] = {"min_agreement": 0.1, "map_confirm": 0.7, "map_sure": 0.9}
+    (tmp_path / "demo.json").write_text(json.dumps(meta))
+    assert create_engine("demo", weights=tmp_path / "demo").thresholds == Thresholds(0.1, 0.7, 0.9)
 
 
 def test_a_pneumothorax_takes_its_box_and_depth_from_its_air():
@@ -128,7 +143,7 @@ def test_a_pneumothorax_takes_its_box_and_depth_from_its_air():
     model_input = prepare(phantom.hu, spacing)
     box = box_to_bins(truth.box.voxel, model_input.extent)
     probability = np.zeros((len(MAP_TYPES), *FINDING_GRID), dtype=np.float32)
-    probability[MAP_TYPES.index("pneumothorax")] = MAP_CONFIRM + 0.05
+    probability[MAP_TYPES.index("pneumothorax")] = DEFAULT.map_confirm + 0.05
     stated = [Candidate(r, "pneumothorax", "Right pneumothorax, 99 mm.", box, 0.1, True) for r in range(2)]
     sampled = Sampled(model_input, phantom.hu.shape, {"pleura": stated}, {"pleura": []}, {}, {"pleura": 0.3}, probability)
     topics, _ = engine.assemble(sampled, phantom.hu, spacing, ReadRequest(topics=("pleura",), questions=()))
@@ -143,7 +158,7 @@ def test_a_map_region_the_rollouts_passed_over_gets_a_second_look(monkeypatch):
     spacing = (phantom.slice_spacing_mm, phantom.pixel_spacing_mm, phantom.pixel_spacing_mm)
     stated_box, passed_box, faint_box = (20, 20, 20, 26, 28, 28), (40, 20, 20, 46, 28, 28), (20, 40, 40, 26, 46, 46)
     probability = np.zeros((len(MAP_TYPES), *FINDING_GRID), dtype=np.float32)
-    for box, p in ((stated_box, MAP_SURE + 0.01), (passed_box, MAP_CONFIRM + 0.05), (faint_box, MAP_CONFIRM - 0.1)):
+    for box, p in ((stated_box, DEFAULT.map_sure + 0.01), (passed_box, DEFAULT.map_confirm + 0.05), (faint_box, DEFAULT.map_confirm - 0.1)):
         cells = [slice(box[a] * FINDING_GRID[a] // BINS, box[a + 3] * FINDING_GRID[a] // BINS) for a in range(3)]
         probability[(MAP_TYPES.index("nodule"), *cells)] = p
     regions = [MapCandidate(box, "nodule") for box in (stated_box, passed_box, faint_box)]
@@ -166,6 +181,10 @@ def test_a_map_region_the_rollouts_passed_over_gets_a_second_look(monkeypatch):
     assert [(f.text, f.box.voxel, f.extra["agreement"]) for f in second] == [
         ("14 mm solid nodule in the left lower lobe.", passed_voxel, 0.2)]
     assert len(topics[0].findings) == 2
+    # The looks are greedy: another assemble of the same read (eval's ablations, calibration) reuses them.
+    looked.clear()
+    again, _ = engine.assemble(sampled, phantom.hu, spacing, request)
+    assert looked == [] and again == topics
     for off in (replace(request, reground=False), replace(request, map_check=False)):
         looked.clear()
         topics, _ = engine.assemble(sampled, phantom.hu, spacing, off)
