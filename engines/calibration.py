@@ -27,7 +27,7 @@ from engines.training import model_card
 DEV_SEEDS = range(8100, 8140)
 DEV_NORMAL_SEEDS = range(8400, 8420)
 # Strictest first, so that among equal scores the strictest point wins.
-GRID = {"min_agreement": (0.3, 0.1), "map_confirm": (0.8, 0.7, 0.6), "map_sure": (0.95, 0.9, 0.85)}
+GRID = {"min_agreement": (0.5, 0.3, 0.1), "map_confirm": (0.9, 0.8, 0.7, 0.6), "map_sure": (0.95, 0.9, 0.85)}
 MAX_NORMAL_SHARE = 0.05
 
 
