@@ -413,8 +413,8 @@ class DemoEngine:
                 if request.map_check:
                     stands = peak >= limits.map_confirm and (f.agreement > limits.min_agreement
                                                              or (f.type in FOCAL_TYPES and peak >= limits.map_sure))
-                else:
-                    stands = f.agreement > limits.min_agreement
+                else:  # the ablation: consensus alone, at the default agreement (calibration assumes the map check)
+                    stands = f.agreement > Thresholds.min_agreement
                 if stands:
                     agreed.append((topic, f))
                     peaks.append(peak)
