@@ -193,7 +193,7 @@ def _calibrate(stem: Path) -> None:
     from engines.calibration import calibrate_checkpoint
 
     with _progress_bar("calibrating", "phantom") as progress:
-        meta = calibrate_checkpoint(stem, progress)
+        meta = calibrate_checkpoint(stem, progress=progress)
     print(json.dumps({"thresholds": meta["thresholds"], "calibration": meta["calibration"]}, indent=2))
 
 
