@@ -12,6 +12,7 @@ from engines.checkpoint import SHIPPED
 from engines.registry import create_engine
 from engines.report import Thresholds
 from engines.training import TRAIN_SEED_BASE, VALIDATION_SEEDS
+from orthanc_plugin.cli import main
 
 
 def _score(min_agreement, map_confirm, map_sure, f1_8mm, normal_with_findings=0.0) -> dict:
@@ -54,3 +55,16 @@ def test_calibrating_weights_records_thresholds_the_engine_then_uses(tmp_path):
         saved["calibration"]["default_normal_with_findings"] > 0.05
     assert create_engine("demo", weights=tmp_path / "demo").thresholds == Thresholds(**saved["thresholds"])
     assert "decision thresholds" in (tmp_path / "MODEL_CARD.md").read_text()
+
+
+def test_readout_calibrate_calibrates_the_weights_it_names_with_a_progress_bar(monkeypatch, tmp_path, capsys):
+    calls = []
+
+    def fake(stem, seeds=DEV_SEEDS, normal_seeds=DEV_NORMAL_SEEDS, progress=None):  # the real one's signature
+        calls.append((stem, seeds, normal_seeds))
+        progress(1, 1)
+        return {"thresholds": {"min_agreement": 0.1}, "calibration": {"wall_time_s": 1.0}}
+
+    monkeypatch.setattr("engines.calibration.calibrate_checkpoint", fake)
+    assert main(["calibrate", "--weights", str(tmp_path / "demo")]) == 0
+    assert calls == [(tmp_path / "demo", DEV_SEEDS, DEV_NORMAL_SEEDS)] and '"min_agreement": 0.1' in capsys.readouterr().out
