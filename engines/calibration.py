@@ -14,12 +14,11 @@ import itertools
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 from engines.checkpoint import load_checkpoint
-from engines.evaluation import Tally
-from engines.phantom import render_phantom
+from engines.evaluation import Tally, phantom_reads
 from engines.report import DemoEngine, ReadRequest, Thresholds
 from engines.training import model_card
 
@@ -38,15 +37,10 @@ def calibrate(engine: DemoEngine, seeds: range = DEV_SEEDS, normal_seeds: range 
     grid = [Thresholds(**dict(zip(GRID, values))) for values in itertools.product(*GRID.values())]
     tallies = {point: Tally() for point in grid}
     cases = [(seed, False) for seed in seeds] + [(seed, True) for seed in normal_seeds]
-    for done, (seed, normal) in enumerate(cases):
-        phantom = render_phantom(seed, normal=normal)
-        spacing = (phantom.slice_spacing_mm, phantom.pixel_spacing_mm, phantom.pixel_spacing_mm)
-        sampled = engine.sample(phantom.hu, spacing, replace(request, seed=seed))
+    for phantom, spacing, sampled in phantom_reads(engine, cases, request, progress):
         kept = list(sampled.kept_ratio.values())
         for point, tally in tallies.items():
             tally.add(phantom, *engine.assemble(sampled, phantom.hu, spacing, request, thresholds=point), kept)
-        if progress:
-            progress(done + 1, len(cases))
     scores = [{**asdict(point), **tally.summary()} for point, tally in tallies.items()]
     return choose(scores), scores
 

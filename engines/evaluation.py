@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -23,7 +23,7 @@ import numpy as np
 
 from engines.grounding import iou3d
 from engines.phantom import Phantom, render_phantom
-from engines.report import DemoEngine, ReadRequest, Thresholds
+from engines.report import DemoEngine, ReadRequest, Sampled, Thresholds
 from engines.results import TopicResult
 
 MATCH_IOU = 0.1
@@ -113,6 +113,17 @@ class Tally:
         }
 
 
+def phantom_reads(engine: DemoEngine, cases: Sequence[tuple[int, bool]], request: ReadRequest,
+                  progress: Callable[[int, int], None] | None = None) -> Iterator[tuple[Phantom, tuple, Sampled]]:
+    """Each (seed, all-normal) case rendered and read once, sampled with its seed: phantom, spacing, read."""
+    for done, (case_seed, normal) in enumerate(cases):
+        phantom = render_phantom(case_seed, normal=normal)
+        spacing = (phantom.slice_spacing_mm, phantom.pixel_spacing_mm, phantom.pixel_spacing_mm)
+        yield phantom, spacing, engine.sample(phantom.hu, spacing, replace(request, seed=case_seed))
+        if progress:
+            progress(done + 1, len(cases))
+
+
 def evaluate(engine: DemoEngine, n: int, seed: int, ablation: bool = False, normal_share: float = 0.25,
              progress: Callable[[int, int], None] | None = None) -> dict[str, dict]:
     """Score the engine on ``n`` phantoms from ``seed`` plus ``normal_share * n`` all-normal ones."""
@@ -126,10 +137,7 @@ def evaluate(engine: DemoEngine, n: int, seed: int, ablation: bool = False, norm
                         "no map check": Tally(), "no map check, 1 rollout": Tally()})
     n_normal = max(1, round(n * normal_share))
     cases = [(seed + i, False) for i in range(n)] + [(seed + n + i, True) for i in range(n_normal)]
-    for done, (case_seed, normal) in enumerate(cases):
-        phantom = render_phantom(case_seed, normal=normal)
-        spacing = (phantom.slice_spacing_mm, phantom.pixel_spacing_mm, phantom.pixel_spacing_mm)
-        sampled = engine.sample(phantom.hu, spacing, replace(request, seed=case_seed))
+    for phantom, spacing, sampled in phantom_reads(engine, cases, request, progress):
         kept = list(sampled.kept_ratio.values())
         topics, answers = engine.assemble(sampled, phantom.hu, spacing, request)
         configs["consensus+regrounding"].add(phantom, topics, answers, kept)
@@ -145,12 +153,10 @@ def evaluate(engine: DemoEngine, n: int, seed: int, ablation: bool = False, norm
             configs["no map check"].add(phantom, *engine.assemble(sampled, phantom.hu, spacing, mapless), kept)
             configs["no map check, 1 rollout"].add(
                 phantom, *engine.assemble(sampled, phantom.hu, spacing, mapless, rollouts=1), kept)
-            off = replace(request, pruning=False, seed=case_seed)
+            off = replace(request, pruning=False, seed=phantom.seed)
             unpruned = engine.sample(phantom.hu, spacing, off)
             configs["scheduling off"].add(phantom, *engine.assemble(unpruned, phantom.hu, spacing, off),
                                           list(unpruned.kept_ratio.values()))
-        if progress:
-            progress(done + 1, len(cases))
     return {name: tally.summary() for name, tally in configs.items()}
 
 
