@@ -3,9 +3,9 @@
 `report.Thresholds` decides which consensus findings stand. Its defaults were tuned on the shipped
 weights; a model from another run has maps and rollouts of its own confidence (on phantoms
 8100-8139 the fourth 105-minute run's decoder stated 4 true liver lesions and 3 pneumothoraces its
-maps saw in only one rollout of five, too few for the defaults). `calibrate` reads development phantoms once, scores
-every point of `GRID` on those same reads, and keeps the best F1 for findings >= 8 mm among the
-points that give at most `MAX_NORMAL_SHARE` of the all-normal phantoms a finding.
+maps saw in only one rollout of five, too few for the defaults). `calibrate` reads development
+phantoms once, scores every point of `GRID` on those same reads, and keeps the best F1 for findings
+>= 8 mm among the points that give at most `MAX_NORMAL_SHARE` of the all-normal phantoms a finding.
 """
 
 from __future__ import annotations
