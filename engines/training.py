@@ -83,7 +83,11 @@ NORMAL_SHARE = 0.15  # extra all-normal phantoms, so "normal" is well learnt
 CROP_SHARE = 0.75
 CROP_TYPE_WEIGHT = {"lytic lesion": 5.0, "sclerotic lesion": 5.0, "hypodense lesion": 1.5}
 CORRUPT_SHARE = 0.15
-ROBUST_WEIGHT, FLIP_WEIGHT, SPARSITY_WEIGHT = 0.05, 0.1, 0.05
+ROBUST_WEIGHT, FLIP_WEIGHT = 0.05, 0.1
+# In the hard phase, a hinge on each prompt's kept share above KEEP_TARGET. A linear term (0.05 x the
+# mean kept share) left the fifth run keeping 67% at inference: the batch mean it pushed down fell on
+# corrupted volumes and crops, already far below, while full clean volumes stayed near 0.68.
+KEEP_TARGET, OVER_TARGET_WEIGHT = 0.45, 0.5
 # The model's finding head learns, per cell of its finding grid and finding type, whether a finding
 # of that type lies there (from the phantom's finding map); its probabilities guide the decoder.
 FINDING_MAP_WEIGHT = 1.0
@@ -410,7 +414,7 @@ def _losses(model: ReadoutVLM, tokenizer: Tokenizer, batch: Batch, phase: str, f
         losses["band"] = retention_band_loss(ratio)
         losses["kept"] = ratio.mean().detach()
         if phase == "hard":
-            losses["sparsity"] = SPARSITY_WEIGHT * ratio.mean()
+            losses["sparsity"] = OVER_TARGET_WEIGHT * F.relu(ratio - KEEP_TARGET).mean()
     if flip:
         rows = torch.nonzero(~batch.corrupted).flatten()
         rows = rows[torch.randperm(len(rows), device=rows.device)[: max(2, len(rows) // 20)]]
