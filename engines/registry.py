@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from engines.errors import EngineError
+from engines.errors import CheckpointError, EngineError
 
 ENGINES = ("demo", "medgemma")
 
@@ -24,7 +24,11 @@ def create_engine(name: str, *, weights: Path | None = None, model_path: Path | 
 
         model, meta = load_checkpoint(weights or SHIPPED, device)
         # Weights calibrated after training carry their own decision thresholds.
-        return DemoEngine(model, device=device, thresholds=Thresholds(**meta.get("thresholds", {})))
+        try:
+            thresholds = Thresholds(**meta.get("thresholds", {}))
+        except TypeError as error:
+            raise CheckpointError(f"the thresholds in the JSON of {weights or SHIPPED} are not valid: {error}") from None
+        return DemoEngine(model, device=device, thresholds=thresholds)
     if name == "medgemma":
         from engines.medgemma import MedGemmaEngine, PruningConfig
 

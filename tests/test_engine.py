@@ -133,6 +133,10 @@ def test_weights_that_carry_calibrated_thresholds_give_the_engine_them(tmp_path)
     meta["thresholds"] = {"min_agreement": 0.1, "map_confirm": 0.7, "map_sure": 0.9}
     (tmp_path / "demo.json").write_text(json.dumps(meta))
     assert create_engine("demo", weights=tmp_path / "demo").thresholds == Thresholds(0.1, 0.7, 0.9)
+    meta["thresholds"] = {"min_agreement": 0.1, "map_confim": 0.7}  # a hand edit's typo
+    (tmp_path / "demo.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="map_confim"):
+        create_engine("demo", weights=tmp_path / "demo")
 
 
 def test_a_pneumothorax_takes_its_box_and_depth_from_its_air():
