@@ -627,6 +627,7 @@ def model_card(info: dict, evaluation: str | None = None) -> str:
         "Training: the finding maps alone first; then, with the encoder frozen (each phantom encoded once),",
         "the decoder through no pruning, then soft (visual values x p), then hard",
         f"dropping with Photon's surrogate gradient ({UNPRUNED_SHARE:.0%} of the soft and hard steps unpruned); retention band [0.3, 0.8],",
+        f"a hinge on each prompt's kept share above {KEEP_TARGET:.0%} when hard,",
         "robustness (corrupted volumes -> maximal answer entropy) and flip regularizers;",
         "a finding head on the stem, a few convolutions over its second stage and over the input, and the encoder",
         "learns each type's finding map cell by cell from the phantoms' finding maps (positives weighted by their",

@@ -93,6 +93,7 @@ def test_a_read_counts_the_steps_it_decoded():
 
 def test_a_finding_needs_two_rollouts_and_its_finding_map_or_one_and_a_sure_map():
     engine = create_engine("demo")
+    engine.thresholds = DEFAULT  # whatever the shipped weights were calibrated to
     phantom = render_phantom(22, normal=True)
     spacing = (phantom.slice_spacing_mm, phantom.pixel_spacing_mm, phantom.pixel_spacing_mm)
     request = ReadRequest(topics=("lungs",), questions=(), reground=False)
@@ -128,8 +129,10 @@ def test_a_finding_needs_two_rollouts_and_its_finding_map_or_one_and_a_sure_map(
 def test_weights_that_carry_calibrated_thresholds_give_the_engine_them(tmp_path):
     for suffix in (".safetensors", ".json"):
         (tmp_path / f"demo{suffix}").write_bytes(SHIPPED.with_suffix(suffix).read_bytes())
-    assert create_engine("demo", weights=tmp_path / "demo").thresholds == DEFAULT
     meta = json.loads((tmp_path / "demo.json").read_text())
+    meta.pop("thresholds", None)
+    (tmp_path / "demo.json").write_text(json.dumps(meta))
+    assert create_engine("demo", weights=tmp_path / "demo").thresholds == DEFAULT
     meta["thresholds"] = {"min_agreement": 0.1, "map_confirm": 0.7, "map_sure": 0.9}
     (tmp_path / "demo.json").write_text(json.dumps(meta))
     assert create_engine("demo", weights=tmp_path / "demo").thresholds == Thresholds(0.1, 0.7, 0.9)
