@@ -68,6 +68,9 @@ class ModelConfig:
     stem_channels: int = 16
     map_topics: tuple[int, ...] = MAP_TOPICS  # finding maps, one per finding type: the report topic of each
     lesion_maps: tuple[int, ...] = tuple(MAP_TYPES.index(kind) for kind in LESION_TYPES)  # `finding_lesions`' maps
+    # The saliency quantile that rho's min-max takes as its maximum (`engines.scheduler.min_max`); the
+    # shipped weights were trained with the plain maximum, 1.0.
+    saliency_top_quantile: float = 0.99
 
     @property
     def map_channels(self) -> int:
@@ -239,7 +242,7 @@ class ReadoutVLM(nn.Module):
         self.token_embed = nn.Embedding(c.vocab_size, c.dim)
         self.text_position = nn.Embedding(c.max_text, c.dim)
         self.decoder = nn.ModuleList(Block(c.dim, c.heads) for _ in range(c.decoder_layers))
-        self.scheduler = TokenScheduler()
+        self.scheduler = TokenScheduler(c.saliency_top_quantile)
         self.norm = nn.LayerNorm(c.dim)
         self.head = nn.Linear(c.dim, c.vocab_size, bias=False)
         self.head.weight = self.token_embed.weight

@@ -6,7 +6,7 @@ visual tokens the rest of the model keeps:
 1. per head, each prompt token t gets a centrality weight from its non-negative attention logits
    to the other prompt tokens, w_t = c_t / max(sum c, 1);
 2. visual token j gets the saliency u_j = mean over heads of sum_t w_t q_t.k_j / sqrt(d), min-max
-   normalized to rho in [0, 1];
+   normalized to rho in [0, 1] (its maximum taken at a high quantile, robust to one outlier);
 3. a small MLP on twelve statistics of rho and u gives a per-instance threshold
    theta = 0.9 sigmoid(.); token j is kept iff rho_j > theta, so the kept count varies per volume
    and per prompt.
@@ -54,10 +54,16 @@ def saliency(q_text: torch.Tensor, k_text: torch.Tensor, k_vis: torch.Tensor, te
     return (weights[..., None] * to_visual).sum(-2).mean(1)
 
 
-def min_max(u: torch.Tensor) -> torch.Tensor:
+def min_max(u: torch.Tensor, top_quantile: float = 1.0) -> torch.Tensor:
+    """u scaled to [0, 1] between its minimum and its ``top_quantile``; tokens above that get 1.
+
+    With the plain maximum (1.0), one token far above the rest (phantom 9002 under the sixth run's
+    weights: u 15 above the next) squashed every other token's rho near 0.05, and the threshold
+    MLP's theta fell to 0.01: 99% of the tokens kept, on every prompt of that volume.
+    """
     lo = u.min(-1, keepdim=True).values
-    hi = u.max(-1, keepdim=True).values
-    return (u - lo) / (hi - lo).clamp(min=1e-6)
+    hi = torch.quantile(u.float(), top_quantile, dim=-1, keepdim=True).to(u.dtype)
+    return ((u - lo) / (hi - lo).clamp(min=1e-6)).clamp(max=1.0)
 
 
 def score_statistics(rho: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -116,16 +122,17 @@ class SurrogateGate(torch.autograd.Function):
 class TokenScheduler(nn.Module):
     """Scores visual tokens from the prompt and decides which to keep."""
 
-    def __init__(self) -> None:
+    def __init__(self, top_quantile: float = 1.0) -> None:
         super().__init__()
         self.threshold = ThresholdMLP()
+        self.top_quantile = top_quantile
 
     def forward(
         self, q_text: torch.Tensor, k_text: torch.Tensor, k_vis: torch.Tensor, text_valid: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (rho [B, N], theta [B], p [B, N]); keep = rho > theta."""
         u = saliency(q_text.float(), k_text.float(), k_vis.float(), text_valid)
-        rho = min_max(u)
+        rho = min_max(u, self.top_quantile)
         theta = self.threshold(score_statistics(rho, u))
         p = torch.sigmoid((rho - theta[:, None]) / TEMPERATURE)
         return rho, theta, p

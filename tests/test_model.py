@@ -307,6 +307,17 @@ def test_kept_ratio_is_the_hard_share_with_the_gradient_of_mean_p():
     assert torch.allclose(p.grad, torch.tensor([[0.125] * 4, [-0.125] * 4]))
 
 
+
+def test_one_outlying_saliency_does_not_squash_every_other_token():
+    from engines.scheduler import min_max
+
+    u = torch.cat([torch.linspace(-7.0, -6.0, 199), torch.tensor([8.0])])[None]
+    plain, robust = min_max(u), min_max(u, 0.99)
+    assert torch.equal(plain, (u - u.min()) / (u.max() - u.min()))
+    assert plain[0, :-1].max() < 0.07  # the other 199 tokens crowd near 0 under the plain maximum
+    assert robust[0, -1] == 1.0 and robust[0, :-1].max() == 1.0  # the top percent reaches 1
+    assert robust[0, 99].item() == pytest.approx(0.5, abs=0.01)  # the rest spread over [0, 1]
+
 @pytest.mark.slow
 def test_training_can_start_from_saved_weights(tmp_path, monkeypatch):
     from engines.checkpoint import load_checkpoint
