@@ -590,12 +590,12 @@ def train(out: Path, steps: int, device: str = "cpu", time_limit_s: float | None
     info = {"tokenizer": {"bins": tokenizer.bins, "size": len(tokenizer)},
             "training": {**done, "final_validation": evaluate_loss(model, tokenizer, validation, dev, "hard")}}
     save_checkpoint(model, out / "demo", info)
-    (out / "MODEL_CARD.md").write_text(model_card(info))
+    (out / "MODEL_CARD.md").write_text(model_card({"config": model.config.to_dict(), **info}))
     return info
 
 
 def model_card(info: dict, evaluation: str | None = None) -> str:
-    """The model card shipped beside the weights."""
+    """The model card shipped beside the weights, from the checkpoint's JSON (``config`` and all)."""
     t = info["training"]
     lines = [
         "# Readout demo model",
