@@ -68,8 +68,8 @@ class ModelConfig:
     stem_channels: int = 16
     map_topics: tuple[int, ...] = MAP_TOPICS  # finding maps, one per finding type: the report topic of each
     lesion_maps: tuple[int, ...] = tuple(MAP_TYPES.index(kind) for kind in LESION_TYPES)  # `finding_lesions`' maps
-    # The saliency quantile that rho's min-max takes as its maximum (`engines.scheduler.min_max`); the
-    # shipped weights were trained with the plain maximum, 1.0.
+    # The saliency quantile that rho's min-max takes as its maximum (`engines.scheduler.min_max`);
+    # weights trained before this field carry 1.0, the plain maximum.
     saliency_top_quantile: float = 0.99
 
     @property
