@@ -19,8 +19,9 @@ itself so that:
   chosen from their mean saliency (``scope="shared"``), so the kept prefix runs the
   remaining layers once instead of once per prompt.
 
-Only the decoder layer modules of ``transformers`` are called (their projections, norms and
-attention kernels); the loop, cache and masks are here so they can be read top to bottom.
+Only the decoder layer modules of ``transformers`` are called (their projections and attention
+kernels; the norms are swapped for fused ones, `engines.gemma_norm`); the loop, cache and masks are
+here so they can be read top to bottom.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from engines.gemma_norm import fuse_rms_norms
 
 KEEP_RULES = ("off", "threshold", "top_p", "ratio")
 KEEP_SCOPES = ("prompt", "shared")
@@ -246,9 +249,10 @@ def _attention(module, query, key, value, attention_mask, attend=None, **kwargs)
 AttentionInterface.register(ATTENTION, _attention)
 AttentionMaskInterface.register(ATTENTION, sdpa_mask)  # the model's own forward (e.g. `generate`) masks as for SDPA
 
-#: Queries per chunk when a forward runs more than this many tokens (a study's image prefix): each
-#: chunk attends only to the slots its mask reaches (the sliding window, the causal past) instead
-#: of all of them through a dense mask; an 85-slice prefix has 22k tokens and a 1024-slot window.
+#: Queries per chunk of a forward. Each chunk attends only to the span of slots its mask reaches
+#: (the sliding window, the causal past) instead of all of them through a dense mask: an 85-slice
+#: prefix has 22k tokens, a sliding layer's window 1024, and the prompts after it (tens of tokens,
+#: one chunk) reach only the prefix's last window on the sliding layers.
 PREFILL_CHUNK = 2048
 
 
@@ -267,7 +271,7 @@ def _chunked_attention(spans, module, query, key, value, attention_mask, **kwarg
     """SDPA chunk by chunk of queries, each on its own span of slots (see `_reach`)."""
     out = [sdpa_attention_forward(module, query[:, :, q0:q1], key[:, :, k0:k1], value[:, :, k0:k1],
                                   attention_mask[:, :, q0:q1, k0:k1], **kwargs)[0] for q0, q1, k0, k1 in spans]
-    return torch.cat(out, 1), None
+    return (out[0] if len(out) == 1 else torch.cat(out, 1)), None
 
 
 class Gemma3Decoder:
@@ -286,6 +290,8 @@ class Gemma3Decoder:
             raise ValueError(f"attention implementation {implementation!r} is not supported; load with 'sdpa'")
         # SDPA still, for every caller of the model; our own loops can now pass ``attend=``.
         self.text_config._attn_implementation = ATTENTION
+        # The same norms in fewer kernels, for every caller of the model too (`engines.gemma_norm`).
+        fuse_rms_norms(model)
 
     @property
     def device(self) -> torch.device:
@@ -322,9 +328,10 @@ class Gemma3Decoder:
         out = {}
         for kind, mask in (("full_attention", full), ("sliding_attention", sliding)):
             # A query with nothing to attend to (padding) would turn into NaN and poison the
-            # values it leaves in the cache; let it see every valid slot instead.
+            # values it leaves in the cache; let it see its own slot (every query has one), which
+            # keeps its reach (`_reach`) as short as a real query's.
             empty = ~mask.any(-1, keepdim=True)
-            out[kind] = (mask | (empty & cache.valid[:, None, :])).unsqueeze(1)
+            out[kind] = (mask | (empty & (kv_pos == qp))).unsqueeze(1)
         return out
 
     def run_layers(self, hidden: torch.Tensor, pos: torch.Tensor, block: torch.Tensor, cache: TokenCache,
@@ -334,12 +341,11 @@ class Gemma3Decoder:
         masks = self.masks(pos, block, cache)
         kinds = set(self.layer_types[start:stop])
         rope = {kind: self.lm.rotary_emb(hidden, pos, kind) for kind in kinds}
-        chunked = {kind: {"attend": functools.partial(_chunked_attention, _reach(masks[kind], PREFILL_CHUNK))}
-                   if hidden.shape[1] > PREFILL_CHUNK else {} for kind in kinds}
+        attend = {kind: functools.partial(_chunked_attention, _reach(masks[kind], PREFILL_CHUNK)) for kind in kinds}
         for i in range(start, stop):
             kind = self.layer_types[i]
             hidden = self.lm.layers[i](hidden, position_embeddings=rope[kind], attention_mask=masks[kind],
-                                       position_ids=pos, cache=cache, **chunked[kind])
+                                       position_ids=pos, cache=cache, attend=attend[kind])
         return hidden
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -381,6 +381,27 @@ def test_a_long_prefill_attends_chunk_by_chunk_to_what_each_chunk_reaches(prompt
     assert any(k < context / 2 for sliding, q, k in calls if not sliding and q == 16)  # causal: the first chunks
 
 
+def test_the_prompts_attend_on_sliding_layers_only_to_the_window_they_reach(prompt_case, monkeypatch):
+    import engines.medgemma_pruning as pruning_module
+
+    decoder, prefix_ids, own, features, *_ = prompt_case
+    with torch.no_grad():
+        prefix = prefill_prefix(decoder, torch.tensor(prefix_ids), features)
+    calls, sdpa = [], pruning_module.sdpa_attention_forward
+
+    def spy(module, query, key, *args, **kwargs):
+        calls.append((module.is_sliding, key.shape[2]))
+        return sdpa(module, query, key, *args, **kwargs)
+
+    monkeypatch.setattr(pruning_module, "sdpa_attention_forward", spy)
+    with torch.no_grad():
+        prompted = prefill_prompts(decoder, prefix, own)
+    assert prefix.length > 2 * decoder.window  # so that reaching the whole cache would show
+    # Global layers see every slot; a sliding layer's first prompt token reaches one window back.
+    assert {k for sliding, k in calls if not sliding} == {prompted.cache.length}
+    assert max(k for sliding, k in calls if sliding) == decoder.window - 1 + max(map(len, own))
+
+
 def _entropy(logits: torch.Tensor) -> torch.Tensor:
     probs = torch.softmax(logits.float(), -1)
     return -(probs * probs.clamp(min=1e-30).log()).sum(-1)
