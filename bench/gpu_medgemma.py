@@ -19,7 +19,8 @@ each slice followed by "SLICE n"). One study: 85 slices, 5 topics x 128 new toke
 
 Per path: vision encode, prefill, decode and total (median of ``--repeats`` after a warm-up),
 decode per step at batch 8 (5 topics + 3 questions; on (b) also x 5 sampled rollouts, batch 40),
-peak memory; PASS/MISS against the targets.
+peak memory; PASS/MISS against the targets. Probes: SDPA kernels on the prefill's shape (GPU), and
+the vision encode with each SDPA kernel and at other slices per call.
 
     python bench/gpu_medgemma.py                 # GPU, real shapes (< 6 min on an H100)
     python bench/gpu_medgemma.py --toy           # tiny shapes, CPU in seconds; prints only
@@ -35,6 +36,7 @@ Imports only torch, transformers, ``engines.medgemma_pruning`` and ``engines.med
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import functools
 import gc
@@ -318,6 +320,36 @@ def sdpa_probe(device: torch.device, dtype: torch.dtype, n: int = 4096) -> dict:
                     row[name] = f"refused: {' '.join(str(exc).split())[:120]}"
             out[label + "_ms"] = row
     return out
+
+
+def vision_probe(decoder: Gemma3Decoder, inputs: StudyInputs, shapes: Shapes, device: torch.device) -> dict:
+    """Seconds to encode every slice (SigLIP: no mask, head_dim 72) with each SDPA kernel, and with
+    the default kernel at other slices per vision-tower call: the vision encode was half of (b)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    clock = Clock(device)
+    pixels = inputs.pixel_values
+
+    def timed(batch: int, backend: SDPBackend | None = None) -> float | str:
+        try:
+            timings = []
+            for _ in range(3):  # the first is a warm-up
+                start = clock.mark()
+                with sdpa_kernel([backend]) if backend is not None else contextlib.nullcontext():
+                    for i in range(0, len(pixels), batch):
+                        decoder.image_features(pixels[i : i + batch])
+                timings.append(clock.seconds(start, clock.mark()))
+            return round(median(timings[1:]), 3)
+        except Exception as exc:  # noqa: BLE001 - a kernel that refuses is the finding
+            return f"refused: {' '.join(str(exc).split())[:120]}"
+
+    backends = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                "cudnn": SDPBackend.CUDNN_ATTENTION}
+    with warnings.catch_warnings():  # a refusing kernel explains itself at length
+        warnings.simplefilter("ignore")
+        by_kernel = {"default": timed(shapes.vision_batch), **{k: timed(shapes.vision_batch, b) for k, b in backends.items()}}
+        by_batch = {str(b): timed(b) for b in (shapes.vision_batch // 2, shapes.vision_batch * 2)}
+    return {"slices": len(pixels), "batch": shapes.vision_batch, "by_kernel_s": by_kernel, "default_kernel_by_batch_s": by_batch}
 
 
 def readout_study(decoder: Gemma3Decoder, inputs: StudyInputs, shapes: Shapes, pruning: PruningConfig,
@@ -711,6 +743,14 @@ def render(data: dict) -> str:
                           for label in ("bool_mask", "is_causal"))
         out += ["", (f"SDPA alone at {probe.get('shape')}, bf16, ms (refused: the kernel does not take it; reasons "
                      f"in the JSON): {cells}.")]
+    vision = data.get("vision_probe", {})
+    if vision:
+        def cells(times: dict) -> str:
+            return ", ".join(f"{k} {'refused' if isinstance(v, str) else _f(v)}" for k, v in times.items())
+
+        out += ["", (f"Vision encode of {vision.get('slices')} slices, s: by SDPA kernel at {vision.get('batch')} slices "
+                     f"a call: {cells(vision.get('by_kernel_s', {}))}; default kernel at other slices a call: "
+                     f"{cells(vision.get('default_kernel_by_batch_s', {}))}.")]
     out += ["", "| target | value | result |", "|---|---|---|"]
     for row in targets(data):
         result = "-" if row["pass"] is None else ("PASS" if row["pass"] else "MISS")
@@ -864,6 +904,12 @@ def main(argv: list[str] | None = None) -> int:
                 run.log(f"SDPA probe: {run.data['sdpa_probe']}")
             except Exception as exc:  # noqa: BLE001
                 run.error("sdpa_probe", exc)
+        try:
+            run.data["vision_probe"] = vision_probe(decoder, inputs, shapes, device)
+            run.log(f"vision probe: {run.data['vision_probe']}")
+            run.save()
+        except Exception as exc:  # noqa: BLE001
+            run.error("vision_probe", exc)
         configs = [("b", PruningConfig()), ("c50", PruningConfig(keep="ratio", keep_value=0.5)),
                    ("c25", PruningConfig(keep="ratio", keep_value=0.25)),
                    ("c50_shared", PruningConfig(keep="ratio", keep_value=0.5, scope="shared")),

@@ -43,6 +43,15 @@ def test_the_toy_run_completes_without_errors(toy):
     assert toy["image_tokens"] == toy["shapes"]["slices"] * 16
 
 
+def test_the_vision_probe_times_the_default_kernel_and_other_batches(toy):
+    probe = toy["vision_probe"]
+    assert probe["slices"] == toy["shapes"]["slices"]
+    assert probe["by_kernel_s"]["default"] > 0  # the others may refuse on a CPU; each says so
+    assert all(v.startswith("refused") if isinstance(v, str) else v > 0 for v in probe["by_kernel_s"].values())
+    assert len(probe["default_kernel_by_batch_s"]) == 2 and all(v > 0 for v in probe["default_kernel_by_batch_s"].values())
+    assert "Vision encode of" in toy["_stdout"]
+
+
 def test_every_path_reports_every_phase(toy):
     stages = toy["stages"]
     for key in ("naive", "b", "c50", "c25"):
