@@ -339,7 +339,7 @@ def vision_probe(decoder: Gemma3Decoder, inputs: StudyInputs, shapes: Shapes, de
                     for i in range(0, len(pixels), batch):
                         decoder.image_features(pixels[i : i + batch])
                 timings.append(clock.seconds(start, clock.mark()))
-            return round(median(timings[1:]), 3)
+            return round(median(timings[1:]), 4)
         except Exception as exc:  # noqa: BLE001 - a kernel that refuses is the finding
             return f"refused: {' '.join(str(exc).split())[:120]}"
 
