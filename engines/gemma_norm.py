@@ -4,9 +4,9 @@
 one elementwise kernel per operation, and casts its weight on every call. Gemma 3 has six norms a
 decoder layer, so in a decode step (one token per row) they were two thirds of the step's 3,151
 kernels on an H200; the kernels whose call counts match theirs (205 or 410 a step) took about
-3.4 ms of its 14.6 ms (bench/RESULTS.md, profile at d452cab). The
-same formula through ``torch.nn.functional.rms_norm`` with ``1 + w`` kept in float32 is one cast
-in, one fused kernel, one cast out.
+3.4 ms of its 14.6 ms (bench/RESULTS.md, profile at d452cab). The same formula through
+``torch.nn.functional.rms_norm`` (a fused kernel on CUDA), with ``1 + w`` kept in float32, is one
+cast in, one kernel, one cast out.
 """
 
 from __future__ import annotations
