@@ -192,8 +192,7 @@ class StaticDecoder:
         if shared > self.shared_slots:
             raise ValueError(f"the context has {shared} shared slots, the buffers hold {self.shared_slots}")
         # The groups' rows of the prompted cache: row 0 when all prompts share the prefix.
-        group_rows = slice(0, self.groups)
-        valid = cache.valid[group_rows, :shared]
+        valid = cache.valid[: self.groups, :shared]
         self.shared_bias.fill_(float("-inf"))
         self.shared_bias[:, 0, 0, :shared].masked_fill_(valid, 0.0)
         columns = {}
@@ -214,24 +213,24 @@ class StaticDecoder:
         for i, kind in enumerate(decoder.layer_types):
             index, real = columns[kind]
             width, split = real.shape[1], kind in self.split_kinds
+            if split:  # the groups' shared part, then each row's own slots
+                parts = zip(cache.leading(i, shared, self.groups), cache.trailing(i, shared))
+            else:
+                parts = zip((None, None), cache.slots(i, index))
             # Every layer attends in float32 (`_attend`), so its buffers are float32.
-            for store, shared_store, source in ((self.keys, self.shared_keys, cache.keys),
-                                                (self.values, self.shared_values, cache.values)):
-                src = source[i]
+            for store, shared_store, (lead, own) in zip((self.keys, self.values), (self.shared_keys, self.shared_values),
+                                                        parts):
                 if len(store) <= i:
-                    _, heads, _, dim = src.shape
+                    _, heads, _, dim = own.shape
                     store.append(torch.zeros(self.rows, heads, self.kv_pos[kind].shape[1], dim,
-                                             dtype=torch.float32, device=src.device))
+                                             dtype=torch.float32, device=own.device))
                     shared_store.append(torch.zeros(self.groups, heads, self.shared_slots, dim, dtype=torch.float32,
-                                                    device=src.device) if split else None)
+                                                    device=own.device) if split else None)
                 if split:
-                    shared_store[i][:, :, :shared].copy_(src[group_rows, :, :shared])
-                    src = src[:, :, shared:]
-                else:
-                    src = src.gather(2, index[:, None, :, None].expand(-1, src.shape[1], -1, src.shape[3]))
-                self._broadcast(store[i][:, :, :width], src)
-                if release:
-                    source[i] = None
+                    shared_store[i][:, :, :shared].copy_(lead)
+                self._broadcast(store[i][:, :, :width], own)
+            if release:
+                cache.release(i)
         self.first_logits.copy_(prompted.next_logits.repeat_interleave(self.rollouts, 0))
         self.first_pos.copy_(first)
         self.reset()

@@ -5,8 +5,9 @@ followed by one short prompt per topic or question. This module runs Gemma 3's d
 itself so that:
 
 - the image prefix is prefilled once and its keys/values are reused by every prompt and
-  rollout (rows of one batch); each prompt pays only for its own tokens (the rows are
-  decoded by `engines.medgemma_decode`);
+  rollout (rows of one batch), held once rather than copied per row (`TokenCache.share_rows`:
+  85 slices' keys/values are 3.1 GB in bfloat16); each prompt pays only for its own tokens
+  (the rows are decoded by `engines.medgemma_decode`);
 - attention masks come from each slot's *position*, *validity* and *image block*, not from
   its index, so padding, pruned slots and rows of different lengths stay exact: causal by
   position, bidirectional inside one image (Gemma 3's ``token_type_ids`` rule), sliding
@@ -172,11 +173,19 @@ class TokenCache:
     masks compare), a validity flag (padding and pruned-away slots are invalid and never
     attended to) and an image block id (``-1`` for text; slots of one image share an id
     and attend to each other both ways). Gemma 3's attention modules call `update`.
+
+    The first ``shared`` slots may be the same in every row (`share_rows`: a study's image
+    prefix under several prompts). Their keys and values are then held once, as one row in
+    ``shared_keys``/``shared_values``, and ``keys``/``values`` hold each row's later slots only;
+    the metadata covers every slot of every row either way.
     """
 
     def __init__(self, num_layers: int) -> None:
         self.keys: list[torch.Tensor | None] = [None] * num_layers
         self.values: list[torch.Tensor | None] = [None] * num_layers
+        self.shared_keys: list[torch.Tensor | None] = [None] * num_layers
+        self.shared_values: list[torch.Tensor | None] = [None] * num_layers
+        self.shared = 0
         self.pos: torch.Tensor | None = None
         self.valid: torch.Tensor | None = None
         self.block: torch.Tensor | None = None
@@ -199,7 +208,8 @@ class TokenCache:
             self.block = torch.cat([self.block, block], 1)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        """Append one layer's new keys/values (``[B, kv_heads, T, d]``) and return all of them."""
+        """Append one layer's new keys/values (``[B, kv_heads, T, d]``); return the rows' own ones (all
+        of them but the shared slots)."""
         if self.keys[layer_idx] is None:
             self.keys[layer_idx], self.values[layer_idx] = key_states, value_states
         else:
@@ -211,24 +221,60 @@ class TokenCache:
         """A new cache over the same tensors (they are replaced, never changed in place)."""
         other = TokenCache(len(self.keys))
         other.keys, other.values = list(self.keys), list(self.values)
+        other.shared_keys, other.shared_values, other.shared = list(self.shared_keys), list(self.shared_values), self.shared
         other.pos, other.valid, other.block = self.pos, self.valid, self.block
         return other
 
-    def select_rows(self, index: torch.Tensor) -> None:
-        """Rows become ``self[index]`` (a copy): one shared prefix row to one row per prompt."""
-        for store in (self.keys, self.values):
-            for i, t in enumerate(store):
-                if t is not None:
-                    store[i] = t.index_select(0, index)
-        self.pos, self.valid, self.block = (t.index_select(0, index) for t in (self.pos, self.valid, self.block))
+    def share_rows(self, rows: int) -> None:
+        """One row becomes ``rows`` rows that share its slots, held once (nothing is copied)."""
+        if self.rows != 1 or self.shared:
+            raise ValueError(f"only a one-row cache without shared slots can be shared, not {self.rows} rows")
+        self.shared_keys, self.shared_values, self.shared = self.keys, self.values, self.length
+        self.keys, self.values = [None] * len(self.keys), [None] * len(self.values)
+        self.pos, self.valid, self.block = (t.expand(rows, -1) for t in (self.pos, self.valid, self.block))
+
+    def slots(self, layer: int, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of the slots ``index[b]`` (``[B, T']``) of each row ``b`` of ``layer``."""
+        out = []
+        for shared, own in ((self.shared_keys[layer], self.keys[layer]), (self.shared_values[layer], self.values[layer])):
+            source = own if shared is None else shared.expand(index.shape[0], -1, -1, -1)
+
+            def taken(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+                return t.gather(2, idx[:, None, :, None].expand(-1, source.shape[1], -1, source.shape[3]))
+
+            if shared is None:
+                out.append(taken(own, index))
+            elif own is None:
+                out.append(taken(source, index))
+            else:
+                from_own = taken(own, (index - self.shared).clamp(min=0))
+                in_shared = (index < self.shared)[:, None, :, None]
+                out.append(torch.where(in_shared, taken(source, index.clamp(max=self.shared - 1)), from_own))
+        return out[0], out[1]
+
+    def leading(self, layer: int, width: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of the first ``width`` slots of the first ``rows`` rows of ``layer``."""
+        if self.shared and width <= self.shared:
+            return tuple(t[layer][:, :, :width].expand(rows, -1, -1, -1) for t in (self.shared_keys, self.shared_values))
+        return self.slots(layer, torch.arange(width, device=self.pos.device).expand(rows, -1))
+
+    def trailing(self, layer: int, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of every row's slots from ``start`` on, of ``layer``."""
+        if start >= self.shared:
+            return self.keys[layer][:, :, start - self.shared:], self.values[layer][:, :, start - self.shared:]
+        return self.slots(layer, torch.arange(start, self.length, device=self.pos.device).expand(self.rows, -1))
+
+    def release(self, layer: int) -> None:
+        """Free ``layer``'s keys and values (the cache cannot be used for it afterwards)."""
+        self.keys[layer] = self.values[layer] = self.shared_keys[layer] = self.shared_values[layer] = None
 
     def gather_slots(self, index: torch.Tensor, valid: torch.Tensor) -> None:
-        """Keep, per row, the slots ``index[b]`` (``[B, T']``); ``valid`` marks padding as invalid."""
-        for store in (self.keys, self.values):
-            for i, t in enumerate(store):
-                if t is not None:
-                    idx = index[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[3])
-                    store[i] = t.gather(2, idx)
+        """Keep, per row, the slots ``index[b]`` (``[B, T']``); ``valid`` marks padding as invalid.
+        Every row then holds its own copy (no slot stays shared)."""
+        for i in range(len(self.keys)):
+            if self.keys[i] is not None or self.shared_keys[i] is not None:
+                self.keys[i], self.values[i] = self.slots(i, index)
+        self.shared_keys, self.shared_values, self.shared = [None] * len(self.keys), [None] * len(self.keys), 0
         self.pos = self.pos.gather(1, index)
         self.block = self.block.gather(1, index)
         self.valid = self.valid.gather(1, index) & valid
@@ -267,11 +313,48 @@ def _reach(mask: torch.Tensor, chunk: int) -> list[tuple[int, int, int, int]]:
     return [(q0, min(q0 + chunk, mask.shape[2]), k0, k1) for q0, (k0, k1) in zip(range(0, mask.shape[2], chunk), bounds)]
 
 
-def _chunked_attention(spans, module, query, key, value, attention_mask, **kwargs):
-    """SDPA chunk by chunk of queries, each on its own span of slots (see `_reach`)."""
-    out = [sdpa_attention_forward(module, query[:, :, q0:q1], key[:, :, k0:k1], value[:, :, k0:k1],
-                                  attention_mask[:, :, q0:q1, k0:k1], **kwargs)[0] for q0, q1, k0, k1 in spans]
+def _chunked_attention(spans, cache: TokenCache, module, query, key, value, attention_mask, **kwargs):
+    """Attention chunk by chunk of queries, each on its own span of slots (see `_reach`). ``key`` and
+    ``value`` are the rows' own slots (`TokenCache.update`); a span that reaches the cache's shared
+    slots goes through `_shared_attention`, one that does not through SDPA."""
+    shared, layer = cache.shared, module.layer_idx
+    out = []
+    for q0, q1, k0, k1 in spans:
+        q, mask = query[:, :, q0:q1], attention_mask[:, :, q0:q1, k0:k1]
+        own = slice(max(k0, shared) - shared, k1 - shared)
+        if k0 >= shared:
+            out.append(sdpa_attention_forward(module, q, key[:, :, own], value[:, :, own], mask, **kwargs)[0])
+        else:
+            held = slice(k0, min(k1, shared))
+            out.append(_shared_attention(q, cache.shared_keys[layer][:, :, held], cache.shared_values[layer][:, :, held],
+                                         key[:, :, own], value[:, :, own], mask, kwargs["scaling"]))
     return (out[0] if len(out) == 1 else torch.cat(out, 1)), None
+
+
+def _shared_attention(query: torch.Tensor, shared_key: torch.Tensor, shared_value: torch.Tensor, key: torch.Tensor,
+                      value: torch.Tensor, mask: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Attention in float32 of every row's queries (``[B, H, Q, d]``) over slots held once for all rows
+    (``shared_*``, ``[1, kv, S, d]``), then the row's own (``key``/``value``, ``[B, kv, T, d]``), one
+    softmax over both, ``mask`` ``[B, 1, Q, S + T]``. The shared keys meet all rows' queries in one
+    product, as the decode steps do (`engines.medgemma_decode`); meant for prompts (tens of queries
+    a row). Returns ``[B, Q, H, d]``, as SDPA's wrapper does."""
+    rows, heads, length, dim = query.shape
+    kv, held = shared_key.shape[1], shared_key.shape[2]
+    # Query head h reads key/value head h // (heads / kv), as Gemma 3's grouped-query attention does.
+    q = query.float().reshape(rows, kv, heads // kv * length, dim) * scaling
+
+    def across_rows(x: torch.Tensor) -> torch.Tensor:  # [B, kv, n, m] -> [1, kv, B * n, m]
+        return x.transpose(0, 1).reshape(1, kv, -1, x.shape[-1])
+
+    def by_row(x: torch.Tensor) -> torch.Tensor:  # the inverse
+        return x.reshape(kv, rows, -1, x.shape[-1]).transpose(0, 1)
+
+    scores = torch.cat([by_row(across_rows(q) @ shared_key.float().transpose(-1, -2)),
+                        q @ key.float().transpose(-1, -2)], -1)
+    probs = (scores.view(rows, kv, heads // kv, length, -1).masked_fill(~mask[:, :, None], float("-inf"))
+             .softmax(-1).view(rows, kv, heads // kv * length, -1))
+    out = by_row(across_rows(probs[..., :held]) @ shared_value.float()) + probs[..., held:] @ value.float()
+    return out.reshape(rows, heads, length, dim).transpose(1, 2).to(query.dtype)
 
 
 class Gemma3Decoder:
@@ -341,7 +424,7 @@ class Gemma3Decoder:
         masks = self.masks(pos, block, cache)
         kinds = set(self.layer_types[start:stop])
         rope = {kind: self.lm.rotary_emb(hidden, pos, kind) for kind in kinds}
-        attend = {kind: functools.partial(_chunked_attention, _reach(masks[kind], PREFILL_CHUNK)) for kind in kinds}
+        attend = {kind: functools.partial(_chunked_attention, _reach(masks[kind], PREFILL_CHUNK), cache) for kind in kinds}
         for i in range(start, stop):
             kind = self.layer_types[i]
             hidden = self.lm.layers[i](hidden, position_embeddings=rope[kind], attention_mask=masks[kind],
@@ -449,7 +532,7 @@ def prefill_prompts(decoder: Gemma3Decoder, prefix: Prefix, prompts: list[list[i
     shared = prefix.hidden is not None and pruning.scope == "shared"
     # A shared keep prunes the prefix's own one-row cache later; the prompts score on a copy.
     cache = prefix.cache.copy() if shared else prefix.cache
-    cache.select_rows(torch.zeros(n, dtype=torch.long, device=device))
+    cache.share_rows(n)  # the prefix's keys/values stay one row; the prompts' own follow per row
     cache.add_slots(pos, valid, block)
     hidden = decoder.run_layers(decoder.embed(ids), pos, block, cache, 0, prefix.stop)
     offset, kept_ratio = 0, None
@@ -460,8 +543,7 @@ def prefill_prompts(decoder: Gemma3Decoder, prefix: Prefix, prompts: list[list[i
         hidden, offset, kept_ratio = _prune(decoder, prefix, hidden, pos, lengths, cache, pruning)
     last = hidden[torch.arange(n, device=device), offset + lengths - 1]
     # Every row holds the same (possibly pruned) prefix before its own tokens, unless each prompt kept its own.
-    shared_slots = 0 if per_prompt else cache.length - longest
-    return Prompted(cache, decoder.logits(last), prefix.length + lengths, kept_ratio, shared_slots)
+    return Prompted(cache, decoder.logits(last), prefix.length + lengths, kept_ratio, cache.shared)
 
 
 def _saliencies(decoder: Gemma3Decoder, prefix: Prefix, hidden: torch.Tensor, pos: torch.Tensor,
@@ -517,13 +599,10 @@ def _prune_shared(decoder: Gemma3Decoder, prefix: Prefix, hidden: torch.Tensor, 
     cache.gather_slots(slots[None], torch.ones(1, len(slots), dtype=torch.bool, device=device))
     decoder.run_layers(prefix.hidden[:, slots], cache.pos, cache.block, cache, layer, decoder.num_layers)
     # The prompts' keys/values of the first layers were computed on the full prefix (as with a
-    # per-prompt keep); they follow the kept prefix in the cache.
+    # per-prompt keep); they follow the kept prefix, which all rows share, in the cache.
     text = torch.full_like(pos, -1)
-    cache.select_rows(torch.zeros(n, dtype=torch.long, device=device))
+    cache.share_rows(n)
     cache.add_slots(pos, valid, text)
-    own = hidden.shape[1]
-    for i in range(layer):
-        cache.keys[i] = torch.cat([cache.keys[i], scoring.keys[i][:, :, -own:]], 2)
-        cache.values[i] = torch.cat([cache.values[i], scoring.values[i][:, :, -own:]], 2)
+    cache.keys[:layer], cache.values[:layer] = scoring.keys[:layer], scoring.values[:layer]
     out = decoder.run_layers(hidden, pos, text, cache, layer, decoder.num_layers)
     return out, cache, [share] * n

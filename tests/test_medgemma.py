@@ -387,19 +387,27 @@ def test_the_prompts_attend_on_sliding_layers_only_to_the_window_they_reach(prom
     decoder, prefix_ids, own, features, *_ = prompt_case
     with torch.no_grad():
         prefix = prefill_prefix(decoder, torch.tensor(prefix_ids), features)
-    calls, sdpa = [], pruning_module.sdpa_attention_forward
+    calls, chunked = [], pruning_module._chunked_attention
 
-    def spy(module, query, key, *args, **kwargs):
-        calls.append((module.is_sliding, key.shape[2]))
-        return sdpa(module, query, key, *args, **kwargs)
+    def spy(spans, cache, module, *args, **kwargs):
+        calls.extend((module.is_sliding, k1 - k0) for _, _, k0, k1 in spans)
+        return chunked(spans, cache, module, *args, **kwargs)
 
-    monkeypatch.setattr(pruning_module, "sdpa_attention_forward", spy)
+    monkeypatch.setattr(pruning_module, "_chunked_attention", spy)
     with torch.no_grad():
         prompted = prefill_prompts(decoder, prefix, own)
     assert prefix.length > 2 * decoder.window  # so that reaching the whole cache would show
     # Global layers see every slot; a sliding layer's first prompt token reaches one window back.
     assert {k for sliding, k in calls if not sliding} == {prompted.cache.length}
     assert max(k for sliding, k in calls if sliding) == decoder.window - 1 + max(map(len, own))
+
+
+def test_the_prompts_hold_the_prefix_once(prompt_case):
+    prompted = _prefill(prompt_case)
+    cache, prefix_length, longest = prompted.cache, len(prompt_case[1]), max(map(len, prompt_case[2]))
+    assert cache.shared == prompted.shared_slots == prefix_length and cache.rows == 3
+    assert all(k.shape[0] == 1 and k.shape[2] == prefix_length for k in cache.shared_keys + cache.shared_values)
+    assert all(k.shape[0] == 3 and k.shape[2] == longest for k in cache.keys + cache.values)
 
 
 def _entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -588,7 +596,10 @@ def test_shared_scope_keeps_one_set_and_runs_the_prefix_once(prompt_case):
     assert prompted.kept_ratio == [0.5] * 3
     cache = prompted.cache
     assert cache.length == kept_prefix + longest
-    assert all(k.shape[:3] == (3, k.shape[1], cache.length) for k in cache.keys)
+    # The kept prefix is held once; each prompt's row holds only its own slots.
+    assert cache.shared == prompted.shared_slots == kept_prefix
+    assert all(k.shape[0] == 1 and k.shape[2] == kept_prefix for k in cache.shared_keys)
+    assert all(k.shape[:3] == (3, k.shape[1], longest) for k in cache.keys)
     prefix_slots = slice(0, kept_prefix)
     for name in ("pos", "valid", "block"):  # one set: every row holds the same prefix slots
         t = getattr(cache, name)[:, prefix_slots]
