@@ -5,8 +5,9 @@ downloaded under Google's Health AI Developer Foundations terms; nothing is down
 
 Reading one series follows the official CT notebook (KNOWLEDGE.md section 5): at most 85
 slices (`select_slice_indices`), three HU windows as R, G, B (`ct_slice_to_rgb`), each slice
-padded to a square (`pad_to_square`) and resized by the checkpoint's processor, and one user
-turn of instruction, ``image, "SLICE n"`` per slice, then the question (`build_messages`).
+padded to a square (`pad_to_square`) and resized, rescaled and normalized as the checkpoint's
+processor does (in torch on the model's device, `engines.gemma_pixels`), and one user turn of
+instruction, ``image, "SLICE n"`` per slice, then the question (`build_messages`).
 
 On top of that:
 
@@ -40,6 +41,7 @@ import numpy as np
 import torch
 
 from engines.errors import CheckpointError
+from engines.gemma_pixels import PixelSteps
 from engines.grounding import Candidate, consensus, iou3d, majority_answer, vote_box
 from engines.medgemma_decode import KeptDecoders
 from engines.medgemma_pruning import (
@@ -492,6 +494,8 @@ class MedGemmaEngine:
         select_slice_indices(1, max_slices)  # validates max_slices
         self.model, self.processor = model.eval(), processor
         self.decoder = Gemma3Decoder(model)
+        # The processor's image steps, on the model's device (`engines.gemma_pixels`).
+        self.pixel_steps = PixelSteps.of(processor.image_processor)
         self.tokenizer = processor.tokenizer
         self.max_slices, self.max_new_tokens, self.vision_batch = max_slices, max_new_tokens, vision_batch
         self.pruning = pruning
@@ -560,8 +564,8 @@ class MedGemmaEngine:
     def _encode_images(self, images: list[np.ndarray]) -> torch.Tensor:
         features = []
         for i in range(0, len(images), self.vision_batch):
-            pixels = self.processor.image_processor(images=images[i : i + self.vision_batch], return_tensors="pt")
-            features.append(self.decoder.image_features(pixels["pixel_values"]))
+            pixels = self.pixel_steps(images[i : i + self.vision_batch], self.decoder.device)
+            features.append(self.decoder.image_features(pixels))
         return torch.cat(features)
 
     # --- sampling --------------------------------------------------------------------------

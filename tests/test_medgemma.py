@@ -3,6 +3,7 @@ prefix cache, pruning and the engine, against a tiny random checkpoint (tests/ti
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import shutil
@@ -15,6 +16,7 @@ import torch
 from PIL import Image
 
 from engines.errors import CheckpointError
+from engines.gemma_pixels import PixelSteps
 from engines.medgemma import (
     INSTRUCTION,
     MedGemmaEngine,
@@ -122,6 +124,25 @@ def test_pad_to_square_centres_the_image():
 
 
 # --- prompts -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("side", [40, 100])  # the tiny processor's 64 px: enlarged and reduced
+def test_pixels_are_the_processors_to_one_level(tiny, side):
+    image_processor = tiny[1].image_processor
+    rng = np.random.default_rng(side)
+    images = [rng.integers(0, 256, (side, side, 3), dtype=np.uint8) for _ in range(3)]
+    ours = PixelSteps.of(image_processor)(images, torch.device("cpu"))
+    theirs = image_processor(images=images, return_tensors="pt")["pixel_values"]
+    assert ours.shape == theirs.shape == (3, 3, 64, 64) and ours.dtype == torch.float32
+    level = image_processor.rescale_factor / min(image_processor.image_std)  # one of 255 steps, normalized
+    assert float((ours - theirs).abs().max()) <= level * 1.001
+
+
+def test_image_processor_settings_readout_does_not_reproduce_are_named(tiny):
+    image_processor = copy.deepcopy(tiny[1].image_processor)
+    image_processor.resample, image_processor.do_normalize = 3, False
+    with pytest.raises(ValueError, match="do_normalize, resample"):
+        PixelSteps.of(image_processor)
 
 
 def test_message_layout():
@@ -323,10 +344,11 @@ def prompt_case(engine, tiny):
     assert len(set(map(len, own))) == 3  # so the batch has padding
     references, greedy, step_logits = [], [], []
     with torch.no_grad():
-        features = engine._encode_images(images)
         for question in questions:
             text = processor.apply_chat_template(build_messages(5, question), add_generation_prompt=True, tokenize=False)
             inputs = processor(text=[text], images=[images], return_tensors="pt")
+            # The processor's own pixels (the engine's agree to one level: test_pixels_are_the_processors...).
+            features = engine.decoder.image_features(inputs["pixel_values"])
             references.append(model(**inputs).logits[0, -1])
             out = model.generate(**inputs, max_new_tokens=GREEDY_TOKENS, do_sample=False, eos_token_id=None,
                                  output_logits=True, return_dict_in_generate=True)
