@@ -348,7 +348,7 @@ def vision_probe(decoder: Gemma3Decoder, inputs: StudyInputs, shapes: Shapes, de
     with warnings.catch_warnings():  # a refusing kernel explains itself at length
         warnings.simplefilter("ignore")
         by_kernel = {"default": timed(shapes.vision_batch), **{k: timed(shapes.vision_batch, b) for k, b in backends.items()}}
-        by_batch = {str(b): timed(b) for b in (shapes.vision_batch // 2, shapes.vision_batch * 2)}
+        by_batch = {str(b): timed(b) for b in sorted({shapes.vision_batch // 2, shapes.vision_batch * 2, len(pixels)})}
     # Were every kernel as fast as another, the tower would not be attending through SDPA at all.
     return {"slices": len(pixels), "batch": shapes.vision_batch, "attention": decoder.model.config.vision_config._attn_implementation,
             "by_kernel_s": by_kernel, "default_kernel_by_batch_s": by_batch}

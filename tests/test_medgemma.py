@@ -167,6 +167,25 @@ def test_topic_and_question_prompts_ask_for_boxes():
         topic_question("")
 
 
+def test_prompt_layouts_are_tokenized_once_and_kept(tiny, monkeypatch):
+    import engines.medgemma as medgemma_module
+
+    engine = MedGemmaEngine(*tiny, max_new_tokens=8)
+    calls = []
+    tokenize = engine._tokenize
+    monkeypatch.setattr(engine, "_tokenize", lambda messages: calls.append(1) or tokenize(messages))
+    monkeypatch.setattr(medgemma_module, "PROMPT_LAYOUTS_KEPT", 2)
+    questions = [topic_question("lungs"), question_prompt(QUESTIONS[0])]
+    first = engine.prompt_ids(4, questions)
+    first[0].append(-1)  # a caller's change to what it got does not reach the kept layout
+    assert engine.prompt_ids(4, questions) != first and len(calls) == 3  # two prompts and the bare prefix
+    engine.prompt_ids(5, questions)
+    engine.prompt_ids(6, questions)  # the third layout: the least recently used one (4 slices) goes
+    assert len(calls) == 9
+    engine.prompt_ids(4, questions)
+    assert len(calls) == 12
+
+
 def test_prompt_tokens_match_the_processor(engine, tiny):
     _, processor = tiny
     _, images = engine.prepare(_hu(slices=3))
