@@ -228,7 +228,8 @@ class TokenCache:
     def share_rows(self, rows: int) -> None:
         """One row becomes ``rows`` rows that share its slots, held once (nothing is copied)."""
         if self.rows != 1 or self.shared:
-            raise ValueError(f"only a one-row cache without shared slots can be shared, not {self.rows} rows")
+            raise ValueError(f"only a one-row cache without shared slots can share its rows; this one has "
+                             f"{self.rows} rows and {self.shared} shared slots")
         self.shared_keys, self.shared_values, self.shared = self.keys, self.values, self.length
         self.keys, self.values = [None] * len(self.keys), [None] * len(self.values)
         self.pos, self.valid, self.block = (t.expand(rows, -1) for t in (self.pos, self.valid, self.block))
@@ -237,19 +238,16 @@ class TokenCache:
         """Keys and values of the slots ``index[b]`` (``[B, T']``) of each row ``b`` of ``layer``."""
         out = []
         for shared, own in ((self.shared_keys[layer], self.keys[layer]), (self.shared_values[layer], self.values[layer])):
-            source = own if shared is None else shared.expand(index.shape[0], -1, -1, -1)
-
-            def taken(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-                return t.gather(2, idx[:, None, :, None].expand(-1, source.shape[1], -1, source.shape[3]))
-
             if shared is None:
-                out.append(taken(own, index))
-            elif own is None:
-                out.append(taken(source, index))
-            else:
-                from_own = taken(own, (index - self.shared).clamp(min=0))
-                in_shared = (index < self.shared)[:, None, :, None]
-                out.append(torch.where(in_shared, taken(source, index.clamp(max=self.shared - 1)), from_own))
+                out.append(_take(own, index))
+                continue
+            shared = shared.expand(index.shape[0], -1, -1, -1)  # a view: the one row is not copied
+            if own is None:
+                out.append(_take(shared, index))
+                continue
+            in_shared = (index < self.shared)[:, None, :, None]
+            out.append(torch.where(in_shared, _take(shared, index.clamp(max=self.shared - 1)),
+                                   _take(own, (index - self.shared).clamp(min=0))))
         return out[0], out[1]
 
     def leading(self, layer: int, width: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -278,6 +276,11 @@ class TokenCache:
         self.pos = self.pos.gather(1, index)
         self.block = self.block.gather(1, index)
         self.valid = self.valid.gather(1, index) & valid
+
+
+def _take(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Slots ``index[b]`` (``[B, T']``) of each row of ``t`` (``[B, kv_heads, S, d]``)."""
+    return t.gather(2, index[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[3]))
 
 
 # --- The decoder loop ----------------------------------------------------------------------

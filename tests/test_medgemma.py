@@ -37,6 +37,7 @@ from engines.medgemma import (
 from engines.medgemma_decode import SLOT_CHUNK, STOP_CHECK_EVERY, StaticDecoder, decode
 from engines.medgemma_pruning import (
     PruningConfig,
+    TokenCache,
     keep_tokens,
     normalized,
     prefill_prefix,
@@ -652,6 +653,30 @@ def test_shared_scope_keeps_one_set_and_runs_the_prefix_once(prompt_case):
     with torch.no_grad():
         out = decode(decoder, prompted, rollouts=2, max_new_tokens=3, stop_ids=set(), temperature=1.0, seed=1)
     assert len(out.tokens) == 6 and all(len(t) == 3 for t in out.tokens)
+
+
+def test_a_shared_cache_reads_as_the_copies_it_replaces():
+    g = torch.Generator().manual_seed(3)
+    prefix_k, prefix_v = torch.randn(1, 2, 5, 4, generator=g), torch.randn(1, 2, 5, 4, generator=g)
+    own_k, own_v = torch.randn(3, 2, 2, 4, generator=g), torch.randn(3, 2, 2, 4, generator=g)
+    cache = TokenCache(1)
+    cache.add_slots(torch.arange(5)[None], torch.ones(1, 5, dtype=torch.bool), torch.full((1, 5), -1))
+    cache.update(prefix_k, prefix_v, 0)
+    cache.share_rows(3)
+    cache.add_slots(torch.arange(5, 7).expand(3, -1), torch.ones(3, 2, dtype=torch.bool), torch.full((3, 2), -1))
+    assert [t.shape[2] for t in cache.update(own_k, own_v, 0)] == [2, 2]  # the rows' own slots only
+    copies_k = torch.cat([prefix_k.expand(3, -1, -1, -1), own_k], 2)
+    copies_v = torch.cat([prefix_v.expand(3, -1, -1, -1), own_v], 2)
+    index = torch.tensor([[0, 4, 5, 6], [6, 1, 1, 2], [3, 5, 0, 4]])
+    k, v = cache.slots(0, index)
+    assert torch.equal(k, copies_k.gather(2, index[:, None, :, None].expand(-1, 2, -1, 4)))
+    assert torch.equal(v, copies_v.gather(2, index[:, None, :, None].expand(-1, 2, -1, 4)))
+    assert torch.equal(cache.leading(0, 5, 1)[0], prefix_k) and torch.equal(cache.leading(0, 6, 3)[1], copies_v[:, :, :6])
+    assert torch.equal(cache.trailing(0, 5)[0], own_k) and torch.equal(cache.trailing(0, 3)[1], copies_v[:, :, 3:])
+    cache.gather_slots(index, torch.ones_like(index, dtype=torch.bool))
+    assert cache.shared == 0 and torch.equal(cache.keys[0], k) and cache.pos.tolist() == index.tolist()
+    with pytest.raises(ValueError, match="3 rows"):
+        cache.share_rows(2)
 
 
 def test_keep_rules():
