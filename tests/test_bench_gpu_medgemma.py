@@ -59,7 +59,9 @@ def test_every_path_reports_every_phase(toy):
         for phase in PHASES:
             value = stages[key][phase]
             assert math.isfinite(value) and value >= 0, (key, phase, value)
-        assert stages[key]["decode_ms_per_step"] > 0
+        # The naive path's decode is a difference of two timed generate calls: on a toy model and a
+        # busy machine the noise can exceed it, and the bench then reports 0 (never negative).
+        assert stages[key]["decode_ms_per_step"] > 0 or key == "naive" and stages[key]["decode_ms_per_step"] == 0
     for key in ("b", "c50", "c25"):
         batch8 = stages[key]["batch8"]
         assert batch8["batch"] == toy["shapes"]["topics"] + toy["shapes"]["questions"] == 8
