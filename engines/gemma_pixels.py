@@ -4,6 +4,7 @@
 slices of 512 x 512 on this project's machine (31 ms a slice; bench/pixels.py), near what the GPU
 needs for a whole study (bench/RESULTS.md). The same steps on a batch of slices on a GPU are one
 resize of 67 MB of uint8 pixels.
+
 The result equals the processor's to within one of 255 levels: its resize works on uint8 images,
 and torch's antialiased bilinear resize is PIL's filter (checked in tests/test_medgemma.py).
 """
@@ -16,8 +17,10 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-#: PIL's code for the bilinear filter, the one MedGemma's processor resizes with.
-PIL_BILINEAR = 2
+
+def _bilinear(resample) -> bool:
+    """Whether a processor's ``resample`` (PIL's code 2, or an enum named BILINEAR) is bilinear."""
+    return str(getattr(resample, "name", resample)).lower() in ("bilinear", "2")
 
 
 @dataclass(frozen=True)
@@ -37,7 +40,7 @@ class PixelSteps:
         unsupported = [name for name, wrong in (
             ("do_pan_and_scan", bool(getattr(p, "do_pan_and_scan", False))),
             ("do_resize", not p.do_resize), ("do_rescale", not p.do_rescale), ("do_normalize", not p.do_normalize),
-            ("resample", int(p.resample) != PIL_BILINEAR)) if wrong]
+            ("resample", not _bilinear(p.resample))) if wrong]
         if unsupported:
             raise ValueError(f"the checkpoint's image processor sets {', '.join(unsupported)} differently from "
                              f"MedGemma's (bilinear resize, rescale, normalize, no pan and scan); Readout does not "
