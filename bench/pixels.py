@@ -23,6 +23,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_medgemma import device_name  # noqa: E402
+
 from engines.gemma_pixels import PixelSteps  # noqa: E402
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
@@ -75,9 +78,7 @@ def main(argv: list[str] | None = None) -> int:
                      timed(lambda: steps(images, gpu), args.repeats, torch.cuda.synchronize),
                      float((steps(images, gpu).cpu() - reference).abs().max()) / level))
     base = rows[0][1]
-    cpu_name = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                     if line.startswith("model name")), platform.processor())
-    lines = [f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC; {cpu_name}, torch {torch.__version__}, "
+    lines = [f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC; {device_name(cpu)}, torch {torch.__version__}, "
              f"Python {platform.python_version()}; `python bench/pixels.py`; {SLICES} slices {SIDE}x{SIDE} RGB uint8 "
              f"to {SIZE}x{SIZE}; median of {args.repeats} after a warm-up.", "",
              "| path | s per study | x processor | largest difference, levels of 255 |", "|---|---|---|---|"]

@@ -257,10 +257,10 @@ class TokenCache:
         return self.slots(layer, torch.arange(width, device=self.pos.device).expand(rows, -1))
 
     def trailing(self, layer: int, start: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of every row's slots from ``start`` on, of ``layer``."""
-        if start >= self.shared:
-            return self.keys[layer][:, :, start - self.shared:], self.values[layer][:, :, start - self.shared:]
-        return self.slots(layer, torch.arange(start, self.length, device=self.pos.device).expand(self.rows, -1))
+        """Keys and values of every row's own slots from ``start`` (not before the shared ones) on, of ``layer``."""
+        if start < self.shared:
+            raise ValueError(f"slot {start} is one of the {self.shared} shared slots; `slots` reads those per row")
+        return self.keys[layer][:, :, start - self.shared:], self.values[layer][:, :, start - self.shared:]
 
     def release(self, layer: int) -> None:
         """Free ``layer``'s keys and values (the cache cannot be used for it afterwards)."""

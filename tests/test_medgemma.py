@@ -672,7 +672,9 @@ def test_a_shared_cache_reads_as_the_copies_it_replaces():
     assert torch.equal(k, copies_k.gather(2, index[:, None, :, None].expand(-1, 2, -1, 4)))
     assert torch.equal(v, copies_v.gather(2, index[:, None, :, None].expand(-1, 2, -1, 4)))
     assert torch.equal(cache.leading(0, 5, 1)[0], prefix_k) and torch.equal(cache.leading(0, 6, 3)[1], copies_v[:, :, :6])
-    assert torch.equal(cache.trailing(0, 5)[0], own_k) and torch.equal(cache.trailing(0, 3)[1], copies_v[:, :, 3:])
+    assert torch.equal(cache.trailing(0, 5)[0], own_k) and torch.equal(cache.trailing(0, 6)[1], own_v[:, :, 1:])
+    with pytest.raises(ValueError, match="shared slots"):
+        cache.trailing(0, 3)
     cache.gather_slots(index, torch.ones_like(index, dtype=torch.bool))
     assert cache.shared == 0 and torch.equal(cache.keys[0], k) and cache.pos.tolist() == index.tolist()
     with pytest.raises(ValueError, match="3 rows"):
