@@ -15,13 +15,15 @@ from engines.model import ModelConfig, ReadoutVLM
 SHIPPED = Path(__file__).with_name("weights") / "demo"
 
 
-def save_checkpoint(model: ReadoutVLM, stem: Path, info: dict[str, Any]) -> None:
-    """Write ``stem.safetensors`` (fp16) and ``stem.json`` (config + ``info``)."""
+def save_checkpoint(model: ReadoutVLM, stem: Path, info: dict[str, Any]) -> dict[str, Any]:
+    """Write ``stem.safetensors`` (fp16) and ``stem.json`` (config + ``info``); returns what the JSON holds."""
     stem.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in model.state_dict().items()
                if k != "head.weight"}  # tied to token_embed.weight
     save_file(tensors, str(stem.with_suffix(".safetensors")))
-    stem.with_suffix(".json").write_text(json.dumps({"config": model.config.to_dict(), **info}, indent=2) + "\n")
+    meta = {"config": model.config.to_dict(), **info}
+    stem.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
 
 
 def load_checkpoint(stem: Path = SHIPPED, device: str = "cpu") -> tuple[ReadoutVLM, dict[str, Any]]:

@@ -589,8 +589,7 @@ def train(out: Path, steps: int, device: str = "cpu", time_limit_s: float | None
     done = facts()
     info = {"tokenizer": {"bins": tokenizer.bins, "size": len(tokenizer)},
             "training": {**done, "final_validation": evaluate_loss(model, tokenizer, validation, dev, "hard")}}
-    save_checkpoint(model, out / "demo", info)
-    (out / "MODEL_CARD.md").write_text(model_card({"config": model.config.to_dict(), **info}))
+    (out / "MODEL_CARD.md").write_text(model_card(save_checkpoint(model, out / "demo", info)))
     return info
 
 
